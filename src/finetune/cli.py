@@ -1,0 +1,136 @@
+"""``python -m finetune <command>``: each subcommand maps to one function; dvc.yaml calls these.
+
+Errors the user can fix print one line (``error: ...``) and exit 2; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+
+def _recipe(args: argparse.Namespace):
+    from finetune.recipe import load_recipe
+
+    return load_recipe(args.params)
+
+
+def cmd_generate_data(args: argparse.Namespace) -> dict:
+    from finetune import quickstart_data
+
+    quickstart_data.write(args.out, args.n_train, args.n_test, args.seed)
+    return {"out": args.out, "train": args.n_train, "test": args.n_test}
+
+
+def cmd_validate(args: argparse.Namespace) -> dict:
+    from finetune.recipe import load_recipe, recipe_path
+
+    paths = [Path(p) if p.endswith(".yaml") else recipe_path(p) for p in args.recipes] or [Path(args.params)]
+    return {str(p): load_recipe(p).name for p in paths}
+
+
+def cmd_use(args: argparse.Namespace) -> dict:
+    """Compose params.yaml from a recipe the way `dvc exp run -S recipe=NAME` does (Hydra)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    from finetune.recipe import load_recipe, recipe_path
+
+    recipe_path(args.recipe)  # one-line error for an unknown name
+    compose_and_dump(args.params, str(Path("recipes").resolve()), None, "config", "",
+                     [f"recipe={args.recipe}", *args.overrides])
+    return {"params": args.params, "recipe": load_recipe(args.params).name}
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict:
+    from finetune.prepare import prepare
+
+    return prepare(_recipe(args), args.out, args.metrics)
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from finetune.train import train
+
+    return train(_recipe(args), args.data, args.out, args.metrics, live_dir=args.live_dir or None)
+
+
+def cmd_merge(args: argparse.Namespace) -> dict:
+    from finetune.merge import merge
+
+    return merge(_recipe(args), args.adapter, args.out)
+
+
+def cmd_heldout(args: argparse.Namespace) -> dict:
+    from finetune.heldout import heldout
+
+    return heldout(_recipe(args), args.data, args.model, args.metrics, args.samples)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--params", default="params.yaml", help="composed recipe (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("generate-data", cmd_generate_data, "write the quickstart data set (deterministic)")
+    p.add_argument("--out", default="data/quickstart")
+    p.add_argument("--n-train", type=int, default=1200)
+    p.add_argument("--n-test", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("validate", cmd_validate, "validate recipes (names or paths; default: params.yaml)")
+    p.add_argument("recipes", nargs="*")
+
+    p = add("use", cmd_use, "compose params.yaml from a recipe (+ Hydra overrides like lora.r=8)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+
+    p = add("prepare", cmd_prepare, "raw data -> formatted, split JSONL + stats")
+    p.add_argument("--out", default="outputs/prepared")
+    p.add_argument("--metrics", default="metrics/prepare.json")
+
+    p = add("train", cmd_train, "LoRA / QLoRA fine-tune -> adapter + metrics")
+    p.add_argument("--data", default="outputs/prepared")
+    p.add_argument("--out", default="outputs/adapter")
+    p.add_argument("--metrics", default="metrics/train.json")
+    p.add_argument("--live-dir", default="dvclive", help="DVCLive folder ('' to disable)")
+
+    p = add("merge", cmd_merge, "merge the adapter into the 16-bit base")
+    p.add_argument("--adapter", default="outputs/adapter")
+    p.add_argument("--out", default="outputs/merged")
+
+    p = add("heldout", cmd_heldout, "score base vs fine-tuned on the held-out split")
+    p.add_argument("--data", default="outputs/prepared")
+    p.add_argument("--model", default="outputs/merged")
+    p.add_argument("--metrics", default="metrics/heldout.json")
+    p.add_argument("--samples", default="outputs/heldout")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = args.func(args)
+    except FinetuneError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command (or `dvc repro`) to start the stage again", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0

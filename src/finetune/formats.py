@@ -1,0 +1,127 @@
+"""Row formats: turn one raw row into ``{prompt, completion}`` (causal LM) or ``{text, label}``.
+
+Pure functions of the row, the data spec and (for chat formats) the tokenizer's chat template.
+The EOS token is not added here: the trainer appends it to every completion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.errors import FinetuneError
+from finetune.recipe import DataSpec
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+# the raw fields each format reads (before data.fields renames them); optional ones may be absent
+REQUIRED = {
+    "alpaca": ("instruction", "output"),
+    "llama2_inst": ("text",),
+    "chat": ("instruction", "output"),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text_label": ("text", "label"),
+}
+
+
+class BadRow(ValueError):
+    """A row that cannot be formatted; the message says why (used as the drop reason)."""
+
+
+def _field(row: dict[str, Any], spec: DataSpec, name: str, required: bool = True) -> Any:
+    key = spec.fields.get(name, name)
+    value = row.get(key)
+    if required and (value is None or (isinstance(value, str) and not value.strip())):
+        raise BadRow(f"missing field '{key}'")
+    return value
+
+
+def _alpaca(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
+    instruction = _field(row, spec, "instruction")
+    inp = _field(row, spec, "input", required=False) or ""
+    template = ALPACA_WITH_INPUT if str(inp).strip() else ALPACA_NO_INPUT
+    return {"prompt": template.format(instruction=instruction, input=inp), "completion": _field(row, spec, "output")}
+
+
+def _llama2_inst(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
+    text = _field(row, spec, "text").strip()
+    if "[/INST]" not in text:
+        raise BadRow("no '[/INST]' marker in Llama-2 chat text")
+    prompt, _, answer = text.rpartition("[/INST]")
+    prompt = prompt.removeprefix("<s>").strip() + " [/INST]"
+    answer = answer.strip().removesuffix("</s>").rstrip()
+    if not answer:
+        raise BadRow("empty answer after '[/INST]'")
+    return {"prompt": prompt, "completion": " " + answer}
+
+
+def _render_chat(messages: list[dict], spec: DataSpec, tokenizer: Any) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise FinetuneError(
+            f"data.format {spec.format}: the tokenizer has no chat template; "
+            "set model.chat_template or use data.format alpaca"
+        )
+    if spec.system_prompt and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": spec.system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _chat(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
+    instruction = _field(row, spec, "instruction")
+    inp = _field(row, spec, "input", required=False)
+    user = f"{instruction}\n\n{inp}" if inp and str(inp).strip() else instruction
+    prompt = _render_chat([{"role": "user", "content": user}], spec, tokenizer)
+    return {"prompt": prompt, "completion": _field(row, spec, "output")}
+
+
+def _messages(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
+    messages = _field(row, spec, "messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadRow("'messages' is not a non-empty list of {role, content}")
+    last = messages[-1]
+    if last.get("role") != "assistant" or not str(last.get("content", "")).strip():
+        raise BadRow("the last message is not a non-empty assistant turn")
+    return {"prompt": _render_chat(messages[:-1], spec, tokenizer), "completion": last["content"]}
+
+
+def _prompt_completion(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
+    return {"prompt": _field(row, spec, "prompt"), "completion": _field(row, spec, "completion")}
+
+
+def _text_label(row: dict, spec: DataSpec, tokenizer: Any, num_labels: int = 2) -> dict[str, Any]:
+    text = _field(row, spec, "text")
+    label = _field(row, spec, "label")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
+        raise BadRow(f"label {label!r} is outside 0..{num_labels - 1}")
+    return {"text": text, "label": label}
+
+
+FORMATTERS = {
+    "alpaca": _alpaca,
+    "llama2_inst": _llama2_inst,
+    "chat": _chat,
+    "messages": _messages,
+    "prompt_completion": _prompt_completion,
+    "text_label": _text_label,
+}
+
+
+def format_row(row: dict[str, Any], spec: DataSpec, tokenizer: Any, num_labels: int = 2) -> dict[str, Any]:
+    """Format one raw row; raise :class:`BadRow` with the reason when it cannot be used."""
+    if not isinstance(row, dict):
+        raise BadRow("row is not an object")
+    if spec.format == "text_label":
+        return _text_label(row, spec, tokenizer, num_labels)
+    out = FORMATTERS[spec.format](row, spec, tokenizer)
+    for key in ("prompt", "completion"):
+        if not isinstance(out[key], str):
+            raise BadRow(f"field for '{key}' is not text")
+    return out

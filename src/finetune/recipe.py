@@ -1,0 +1,218 @@
+"""The recipe schema: one YAML file (or the composed ``params.yaml``) validated by pydantic.
+
+Every stage reads its sections from the validated :class:`Recipe`. Errors are reported as one
+line naming the file, the key and what would fix it (the nearest valid key for a misspelling).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from finetune.errors import FinetuneError
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    """Where the base model comes from and what head it gets."""
+
+    id: str = Field(description="Hub id (owner/name), a local folder, or pypi:<package>[/subdir]")
+    revision: str | None = Field(None, description="Hub revision (commit sha, tag or branch)")
+    gguf_file: str | None = Field(None, description="GGUF file inside `id` to load and dequantize")
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    num_labels: int = Field(2, ge=2)
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
+
+
+class DataSpec(_Section):
+    """Where the raw data comes from, how rows are formatted, and how they are split."""
+
+    id: str | None = Field(None, description="Hub dataset id, used when local_path is not set")
+    revision: str | None = None
+    split: str = "train"
+    local_path: str | None = Field(None, description="Local file or folder (json, jsonl, parquet, csv)")
+    test_path: str | None = Field(None, description="Separate held-out file; else split from the data")
+    format: Literal["alpaca", "llama2_inst", "chat", "messages", "prompt_completion", "text_label"]
+    fields: dict[str, str] = Field(default_factory=dict, description="Rename raw fields, e.g. {output: response}")
+    system_prompt: str | None = None
+    max_rows: int | None = Field(None, ge=1)
+    eval_size: float = Field(0.0, ge=0, description="Fraction (<1) or count (>=1) held out for eval loss")
+    test_size: float = Field(0.0, ge=0, description="Fraction (<1) or count (>=1) held out as test split")
+    seed: int = 42
+    on_bad_row: Literal["fail", "skip"] = "fail"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if not self.id and not self.local_path:
+            raise ValueError("data: set `id` (hub dataset) or `local_path` (a local file)")
+        return self
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QuantSpec(_Section):
+    mode: Literal["none", "4bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = False
+    compute_dtype: DType = "bfloat16"
+
+
+class TrainSpec(_Section):
+    seed: int = 42
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`; else stop after this many steps")
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=8)
+    packing: bool = False
+    group_by_length: bool = False
+    optimizer: str = "adamw_torch"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="Eval-loss interval; None: at the end only")
+    threads: int | None = Field(None, ge=1, description="CPU threads (torch.set_num_threads)")
+
+
+class MergeSpec(_Section):
+    dtype: DType = "float16"
+
+
+class EvalSpec(_Section):
+    """Held-out exact-match check run after merge (base vs fine-tuned)."""
+
+    limit: int | None = Field(None, ge=1, description="Score at most this many held-out rows")
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class Recipe(_Section):
+    """A whole recipe: what `params.yaml` holds after composition."""
+
+    name: str
+    description: str = ""
+    model: ModelSpec
+    data: DataSpec
+    lora: LoraSpec = LoraSpec()
+    quant: QuantSpec = QuantSpec()
+    train: TrainSpec = TrainSpec()
+    merge: MergeSpec = MergeSpec()
+    eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.model.task == "sequence_classification" and self.data.format != "text_label":
+            raise ValueError("model.task sequence_classification needs data.format text_label")
+        if self.model.task == "causal_lm" and self.data.format == "text_label":
+            raise ValueError("data.format text_label needs model.task sequence_classification")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# loading and one-line errors
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The pydantic model that owns the key at ``loc`` (for 'did you mean' suggestions)."""
+    current: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = current.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            current = ann
+        else:
+            break
+    return current
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Turn the first pydantic error into one line: file, dotted key, problem, fix."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "<root>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        valid = _field_names(_section_model(loc))
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?" if near else (
+            f"valid keys here: {', '.join(valid)}"
+        )
+        return f"{source}: unknown key '{key}'; {hint}"
+    if kind == "missing":
+        return f"{source}: missing required key '{key}'"
+    msg = first["msg"]
+    if kind == "value_error" and not loc:
+        return f"{source}: {msg.removeprefix('Value error, ')}"
+    got = first.get("input")
+    got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+    return f"{source}: key '{key}' = {got_s}: {msg}"
+
+
+def parse_recipe(raw: Any, source: str) -> Recipe:
+    """Validate a mapping (from YAML) as a Recipe; raise FinetuneError with one line."""
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"{source}: expected a mapping of recipe keys, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise FinetuneError(format_validation_error(err, source)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """Read a YAML file, turning syntax errors into one line with line/column."""
+    if not path.is_file():
+        raise FinetuneError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise FinetuneError(f"{path}: YAML syntax error at {where}: {err.problem}") from None
+    except UnicodeDecodeError as err:
+        raise FinetuneError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load ``params.yaml`` or a recipe file into a validated Recipe."""
+    path = Path(path)
+    return parse_recipe(read_yaml(path), str(path))
+
+
+RECIPE_DIR = Path("recipes/recipe")
+
+
+def recipe_path(name: str, root: Path = Path(".")) -> Path:
+    """Path of the shipped recipe ``name``; a clear error lists the known ones."""
+    path = root / RECIPE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / RECIPE_DIR).glob("*.yaml"))
+        near = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"known recipes: {', '.join(known)}"
+        raise FinetuneError(f"unknown recipe '{name}' (no {path}); {hint}")
+    return path

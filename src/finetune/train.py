@@ -1,0 +1,231 @@
+"""Stage ``train``: LoRA / QLoRA on the prepared data -> adapter + metrics.
+
+Causal LMs train with TRL's SFTTrainer on ``{prompt, completion}`` rows: loss on completion tokens
+only, EOS appended to every completion. Sequence classification (``text_label``) trains a PEFT
+LoRA classifier with the Trainer and reports accuracy. Loss curves go to DVCLive.
+Reads the ``model``, ``lora``, ``quant`` and ``train`` sections.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.models import load_model, load_tokenizer
+from finetune.outputs import atomic_dir, read_jsonl, write_json
+from finetune.recipe import Recipe, TrainSpec
+
+
+def precision(spec: TrainSpec) -> str:
+    """Resolve ``auto``: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU."""
+    if spec.precision != "auto":
+        return spec.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _model_dtype(prec: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig, TaskType
+
+    spec = recipe.lora
+    task = TaskType.SEQ_CLS if recipe.model.task == "sequence_classification" else TaskType.CAUSAL_LM
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        bias=spec.bias,
+        task_type=task,
+    )
+
+
+def training_kwargs(spec: TrainSpec, prec: str, output_dir: str) -> dict[str, Any]:
+    """TrainingArguments shared by SFT and classification, straight from the recipe."""
+    return {
+        "output_dir": output_dir,
+        "seed": spec.seed,
+        "data_seed": spec.seed,
+        "learning_rate": spec.learning_rate,
+        "lr_scheduler_type": spec.lr_scheduler,
+        "warmup_steps": spec.warmup_steps if spec.warmup_steps else spec.warmup_ratio,
+        "num_train_epochs": spec.epochs,
+        "max_steps": spec.max_steps,
+        "per_device_train_batch_size": spec.batch_size,
+        "per_device_eval_batch_size": spec.batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "optim": spec.optimizer,
+        "weight_decay": spec.weight_decay,
+        "max_grad_norm": spec.max_grad_norm,
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "train_sampling_strategy": "group_by_length" if spec.group_by_length else "random",
+        "bf16": prec == "bf16",
+        "fp16": prec == "fp16",
+        "use_cpu": not torch.cuda.is_available(),
+        "logging_steps": spec.logging_steps,
+        "eval_strategy": "steps" if spec.eval_steps else "no",
+        "eval_steps": spec.eval_steps,
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "include_num_input_tokens_seen": "non_padding",
+        "disable_tqdm": True,
+    }
+
+
+def _dvclive_callback(live_dir: str | None):
+    if live_dir is None:
+        return []
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    return [DVCLiveCallback(live=Live(dir=live_dir, save_dvc_exp=False, dvcyaml=None, report=None))]
+
+
+def _sft_trainer(recipe: Recipe, model, tokenizer, data: dict, kwargs: dict, callbacks: list):
+    from trl import SFTConfig, SFTTrainer
+
+    spec = recipe.train
+    config = SFTConfig(
+        **kwargs,
+        max_length=spec.max_length,
+        packing=spec.packing,
+        completion_only_loss=True,
+        dataset_num_proc=None,
+    )
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data.get("eval"),
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe),
+        callbacks=callbacks,
+    )
+
+
+def _accuracy(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def _classification_trainer(recipe: Recipe, model, tokenizer, data: dict, kwargs: dict, callbacks: list):
+    from peft import get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    max_length = recipe.train.max_length
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    tokenized = {k: v.map(tokenize, batched=True, remove_columns=["text"]) for k, v in data.items()}
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Trainer(
+        model=get_peft_model(model, lora_config(recipe)),
+        args=TrainingArguments(**kwargs),
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized.get("eval"),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=_accuracy,
+        callbacks=callbacks,
+    )
+
+
+def _load_splits(data_dir: Path) -> dict:
+    from datasets import Dataset
+
+    splits = {}
+    for name in ("train", "eval", "test"):
+        path = data_dir / f"{name}.jsonl"
+        rows = read_jsonl(path) if path.is_file() else []
+        if rows:
+            splits[name] = Dataset.from_list(rows)
+    if "train" not in splits:
+        raise FinetuneError(f"{data_dir}/train.jsonl: missing or empty; run the prepare stage first")
+    return splits
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _last(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None
+
+
+def train(
+    recipe: Recipe,
+    data_dir: str | Path,
+    adapter_dir: str | Path,
+    metrics_path: str | Path,
+    live_dir: str | None = "dvclive",
+) -> dict[str, Any]:
+    """Run the stage; return the metrics written."""
+    from transformers import set_seed
+
+    spec = recipe.train
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    set_seed(spec.seed)
+    if recipe.quant.mode == "4bit" and recipe.model.task == "sequence_classification":
+        raise FinetuneError("quant.mode 4bit is for causal LMs here; set quant.mode: none")
+    prec = precision(spec)
+    data = _load_splits(Path(data_dir))
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, _model_dtype(prec), recipe.quant)
+    classify = recipe.model.task == "sequence_classification"
+    with tempfile.TemporaryDirectory(prefix="finetune-train-") as scratch:
+        kwargs = training_kwargs(spec, prec, scratch)
+        build = _classification_trainer if classify else _sft_trainer
+        trainer = build(recipe, model, tokenizer, {k: v for k, v in data.items() if k != "test"},
+                        kwargs, _dvclive_callback(live_dir))
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+        loss = result.training_loss
+        if not math.isfinite(loss):
+            raise FinetuneError(f"train: loss became {loss}; lower train.learning_rate (now {spec.learning_rate})")
+        history = trainer.state.log_history
+        tokens = int(trainer.state.num_input_tokens_seen)
+        metrics: dict[str, Any] = {
+            "train_loss": round(float(loss), 6),
+            "final_logged_loss": _last(history, "loss"),
+            "steps": trainer.state.global_step,
+            "train_seconds": round(seconds, 2),
+            "tokens_seen": tokens,
+            "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
+            "peak_memory_gib": round(_peak_memory_gib(), 3),
+            "trainable_params": int(trainable),
+            "total_params": int(total),
+            "precision": prec,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        }
+        if "eval" in data:
+            metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+        if classify and "test" in data:
+            test = trainer.evaluate(eval_dataset=data["test"].map(
+                lambda b: tokenizer(b["text"], truncation=True, max_length=spec.max_length),
+                batched=True, remove_columns=["text"]), metric_key_prefix="test")
+            metrics["test_accuracy"] = round(float(test["test_accuracy"]), 6)
+        with atomic_dir(adapter_dir) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    write_json(metrics_path, metrics)
+    return metrics
