@@ -89,6 +89,8 @@ def _messages(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
     last = messages[-1]
     if last.get("role") != "assistant" or not str(last.get("content", "")).strip():
         raise BadRow("the last message is not a non-empty assistant turn")
+    if len(messages) < 2:
+        raise BadRow("no prompt turns before the assistant answer")
     return {"prompt": _render_chat(messages[:-1], spec, tokenizer), "completion": last["content"]}
 
 
@@ -99,6 +101,8 @@ def _prompt_completion(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, s
 def _text_label(row: dict, spec: DataSpec, tokenizer: Any, num_labels: int = 2) -> dict[str, Any]:
     text = _field(row, spec, "text")
     label = _field(row, spec, "label")
+    if isinstance(label, str) and label.strip().isdigit():  # csv/tsv cells are text
+        label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
         raise BadRow(f"label {label!r} is outside 0..{num_labels - 1}")
     return {"text": text, "label": label}

@@ -167,7 +167,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     if kind == "missing":
         return f"{source}: missing required key '{key}'"
     msg = first["msg"]
-    if kind == "value_error" and not loc:
+    if kind == "value_error":  # a model validator's message already names the keys
         return f"{source}: {msg.removeprefix('Value error, ')}"
     got = first.get("input")
     got_s = repr(got) if not isinstance(got, dict) else "a mapping"

@@ -199,10 +199,15 @@ def train(
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
-        loss = result.training_loss
-        if not math.isfinite(loss):
-            raise FinetuneError(f"train: loss became {loss}; lower train.learning_rate (now {spec.learning_rate})")
         history = trainer.state.log_history
+        eval_loss = float(trainer.evaluate()["eval_loss"]) if "eval" in data else None
+        logged = [h["loss"] for h in history if "loss" in h] + [result.training_loss]
+        bad = next((x for x in [*logged, eval_loss] if x is not None and not math.isfinite(x)), None)
+        if bad is not None:
+            raise FinetuneError(
+                f"train: the loss became {bad}; lower train.learning_rate (now {spec.learning_rate})"
+            )
+        loss = result.training_loss
         tokens = int(trainer.state.num_input_tokens_seen)
         metrics: dict[str, Any] = {
             "train_loss": round(float(loss), 6),
@@ -217,8 +222,8 @@ def train(
             "precision": prec,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
         }
-        if "eval" in data:
-            metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+        if eval_loss is not None:
+            metrics["eval_loss"] = round(eval_loss, 6)
         if classify and "test" in data:
             test = trainer.evaluate(eval_dataset=data["test"].map(
                 lambda b: tokenizer(b["text"], truncation=True, max_length=spec.max_length),

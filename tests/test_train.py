@@ -1,0 +1,104 @@
+"""train + merge on a tiny random Llama: prompt masking, EOS, adapter shape, merge output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import recipe_dict
+from finetune.outputs import write_jsonl
+from finetune.recipe import Recipe
+
+ROWS = [{"prompt": f"<|im_start|>user\nWhat is {i} + 1?<|im_end|>\n<|im_start|>assistant\n",
+         "completion": str(i + 1)} for i in range(24)]
+
+
+def tiny_recipe(model_dir: Path, **train) -> Recipe:
+    raw = recipe_dict(
+        "quickstart",
+        model={"id": str(model_dir), "gguf_file": None},
+        train={"max_steps": 2, "batch_size": 4, "logging_steps": 1, "threads": 2, **train},
+        lora={"r": 4, "alpha": 8},
+        eval={"limit": 4, "max_new_tokens": 4, "batch_size": 4},
+    )
+    return Recipe.model_validate(raw)
+
+
+@pytest.fixture
+def prepared(tmp_path) -> Path:
+    data = tmp_path / "prepared"
+    write_jsonl(data / "train.jsonl", ROWS[:16])
+    write_jsonl(data / "eval.jsonl", ROWS[16:20])
+    write_jsonl(data / "test.jsonl", ROWS[20:])
+    return data
+
+
+def test_completion_only_labels_and_eos(tiny_llama, prepared, tmp_path):
+    from finetune.models import load_model, load_tokenizer
+    from finetune.train import _load_splits, _sft_trainer, training_kwargs
+
+    recipe = tiny_recipe(tiny_llama)
+    tok = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, torch.float32)
+    data = _load_splits(prepared)
+    trainer = _sft_trainer(recipe, model, tok, {"train": data["train"]},
+                           training_kwargs(recipe.train, "fp32", str(tmp_path / "s")), [])
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        real = ids[ids != -1]
+        text = tok.decode(real)
+        row = next(r for r in ROWS if text.startswith(r["prompt"]) or r["prompt"] in text)
+        n_prompt = len(tok(row["prompt"])["input_ids"])
+        assert (labels[:n_prompt] == -100).all(), "prompt tokens must not carry loss"
+        kept = labels[labels != -100]
+        assert tok.decode(kept[:-1]).strip() == row["completion"]
+        assert kept[-1].item() == tok.eos_token_id, "the completion must end with EOS"
+
+
+def test_train_then_merge(tiny_llama, prepared, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.merge import merge
+    from finetune.train import train
+
+    recipe = tiny_recipe(tiny_llama)
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    metrics = train(recipe, prepared, adapter, tmp_path / "train.json", live_dir=str(tmp_path / "live"))
+    assert metrics["steps"] == 2 and metrics["tokens_seen"] > 0
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert {"train_loss", "eval_loss", "train_seconds", "tokens_per_second", "peak_memory_gib"} <= set(metrics)
+    assert json.loads((tmp_path / "train.json").read_text()) == metrics
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert (tmp_path / "live" / "plots" / "metrics").is_dir(), "DVCLive must log the loss curve"
+
+    merge(recipe, adapter, merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    tok = AutoTokenizer.from_pretrained(merged)
+    assert model.dtype == torch.bfloat16  # merge.dtype of the quickstart
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert tok.chat_template, "the chat template travels with the merged model"
+    eos = model.generation_config.eos_token_id
+    assert tok.eos_token_id == (eos if isinstance(eos, int) else eos[0])
+    # the merged weights equal base + the adapter's update: compare logits with PEFT's unmerged model
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    peft_model = PeftModel.from_pretrained(base, adapter)
+    ids = tok("What is 3 + 1?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (peft_model(ids).logits.float() - model(ids).logits.float()).abs().max().item()
+    assert diff < 0.05
+
+
+def test_nan_loss_is_one_line_error(tiny_llama, prepared, tmp_path):
+    from finetune.errors import FinetuneError
+    from finetune.train import train
+
+    recipe = tiny_recipe(tiny_llama, learning_rate=1e30, max_grad_norm=1e30)
+    with pytest.raises(FinetuneError, match="learning_rate"):
+        train(recipe, prepared, tmp_path / "adapter", tmp_path / "m.json", live_dir=None)
+    assert not (tmp_path / "adapter").exists(), "no adapter is written for a diverged run"
