@@ -36,8 +36,8 @@ def merge(recipe: Recipe, adapter_dir: str | Path, out_dir: str | Path) -> dict[
     model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     model = model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    gen = model.generation_config
     if recipe.model.task == "causal_lm":
+        gen = model.generation_config
         eos = eos_ids(gen.eos_token_id, tokenizer.eos_token_id)
         gen.eos_token_id = eos[0] if len(eos) == 1 else eos
         gen.pad_token_id = tokenizer.pad_token_id

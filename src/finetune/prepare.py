@@ -36,7 +36,8 @@ def _read_json_file(path: Path) -> list[Any]:
         except json.JSONDecodeError as err:
             raise FinetuneError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 inside JSON strings
+    for lineno, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
