@@ -13,16 +13,28 @@ TORCH_WHEELS ?= /opt/wheels
 TORCH_INDEX ?=
 PIP_SOURCES := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 STAMP := $(VENV)/.installed
+# llama.cpp builds for AVX2-class x86-64, not -march=native: the same kernels on every machine
+# (reproducible GGUF checks), and no AMX code paths (they crash in sandboxes that do not enable AMX)
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_CPP_VERSION := 0.3.36
 
 .PHONY: install repro data test test-fast lock validate clean help
 help:
 	@sed -n '1,4p' Makefile
 
-$(STAMP): requirements/cpu.lock requirements/models.txt pyproject.toml
+$(STAMP): requirements/cpu.lock requirements/models.txt requirements/llama-cpp-src.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing the lock (llama-cpp-python builds from source the first time: ~7 min on 2 cores)"
 	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r requirements/cpu.lock
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	rm -rf $(VENV)/llama.cpp $(VENV)/sdist && mkdir -p $(VENV)/llama.cpp
+	$(BIN)/pip download -q --no-deps --no-binary :all: --require-hashes -r requirements/llama-cpp-src.txt -d $(VENV)/sdist
+	tar xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py
+	rm -rf $(VENV)/sdist
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,7 +33,7 @@ def env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_llama, env) -> Path:
+def repo(tmp_path_factory, tiny_llama_256, env) -> Path:
     """A fresh git+DVC copy of the project whose quickstart uses the tiny model."""
     dst = tmp_path_factory.mktemp("repo")
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True,
@@ -44,9 +44,10 @@ def repo(tmp_path_factory, tiny_llama, env) -> Path:
             shutil.copy2(ROOT / rel, dst / rel)
     recipe = dst / "recipes" / "recipe" / "quickstart.yaml"
     raw = yaml.safe_load(recipe.read_text())
-    raw["model"] = {"id": str(tiny_llama), "gguf_file": None}
+    raw["model"] = {"id": str(tiny_llama_256), "gguf_file": None}
     raw["train"] |= {"max_steps": 3, "batch_size": 4, "logging_steps": 1}
     raw["eval"] |= {"limit": 4, "max_new_tokens": 4, "batch_size": 4}
+    raw["quantize"] = {"verify_prompts": 4, "verify_tokens": 8, "ppl_rows": 8}
     recipe.write_text("# @package _global_\n" + yaml.safe_dump(raw, sort_keys=False))
     py = sys.executable
     run([py, "-m", "finetune", "generate-data", "--out", "data/quickstart"], dst, env)
@@ -59,14 +60,22 @@ def repo(tmp_path_factory, tiny_llama, env) -> Path:
 
 def test_repro_then_experiment(repo, env):
     out = run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    for stage in ("prepare", "train", "merge", "heldout"):
+    for stage in ("prepare", "train", "merge", "quantize", "heldout"):
         assert f"Running stage '{stage}'" in out
     assert "data.dvc" not in run([sys.executable, "-m", "dvc", "status"], repo, env), \
         "the regenerated data must match the hash data.dvc pins"
     for path in ("outputs/prepared/train.jsonl", "outputs/adapter/adapter_config.json",
                  "outputs/merged/config.json", "metrics/train.json", "metrics/heldout.json",
-                 "dvclive/metrics.json"):
+                 "dvclive/metrics.json", "models/quickstart-f16.gguf", "models/quickstart-q8_0.gguf",
+                 "models/quickstart-q4_k_m.gguf", "metrics/quantize/q4_k_m.json"):
         assert (repo / path).is_file(), path
+    # the quantized model answers a chat prompt through llama.cpp
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(repo / "models/quickstart-q4_k_m.gguf"), n_ctx=256, verbose=False)
+    reply = llm.create_chat_completion([{"role": "user", "content": "What is 2 + 2?"}], max_tokens=8, temperature=0)
+    assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] > 0
+    del llm
     heldout = json.loads((repo / "metrics/heldout.json").read_text())
     assert heldout["n"] == 4 and heldout["metric"] == "exact_match"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -76,6 +85,7 @@ def test_repro_then_experiment(repo, env):
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "lora.r=4"], repo, env)
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Running stage 'train'" in out
+    assert "Stage 'quantize' didn't change" not in out, "a new adapter means new GGUF files"
     assert json.loads((repo / "outputs/adapter/adapter_config.json").read_text())["r"] == 4
     assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"] == prepare_before
 
@@ -95,4 +105,5 @@ def test_every_recipe_composes(name, tmp_path, env):
     compose_and_dump(str(out), str(ROOT / "recipes"), None, "config", "", [f"recipe={name}", "lora.r=8"])
     recipe = load_recipe(out)
     assert recipe.name == name and recipe.lora.r == 8
-    assert {"model", "data", "lora", "quant", "train", "merge", "eval"} <= set(yaml.safe_load(out.read_text()))
+    assert {"model", "data", "lora", "quant", "train", "merge", "quantize", "eval"} <= set(
+        yaml.safe_load(out.read_text()))

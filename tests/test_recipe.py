@@ -13,6 +13,7 @@ from finetune.recipe import (
     EvalSpec,
     LoraSpec,
     MergeSpec,
+    QuantizeSpec,
     QuantSpec,
     Recipe,
     TrainSpec,
@@ -210,14 +211,15 @@ CONFIG = yaml.safe_load((ROOT / "recipes" / "config.yaml").read_text(encoding="u
 
 @pytest.mark.parametrize(
     ("section", "model"),
-    [("lora", LoraSpec), ("quant", QuantSpec), ("train", TrainSpec), ("merge", MergeSpec), ("eval", EvalSpec)],
+    [("lora", LoraSpec), ("quant", QuantSpec), ("train", TrainSpec), ("merge", MergeSpec),
+     ("quantize", QuantizeSpec), ("eval", EvalSpec)],
 )
 def test_config_defaults_equal_schema_defaults(section, model):
     assert CONFIG[section] == model().model_dump()
 
 
 def test_config_has_no_other_sections():
-    assert set(CONFIG) == {"defaults", "lora", "quant", "train", "merge", "eval"}
+    assert set(CONFIG) == {"defaults", "lora", "quant", "train", "merge", "quantize", "eval"}
     assert {"recipe": "quickstart"} in CONFIG["defaults"]
 
 

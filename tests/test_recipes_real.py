@@ -61,3 +61,8 @@ def test_classification_recipe_on_real_data(minilm_dir, tmp_path):
     result = _run(recipe, tmp_path)
     assert result["splits"] == {"train": 200, "eval": 0, "test": 1000}
     assert 0.0 <= result["train"]["test_accuracy"] <= 1.0
+    from finetune.quantize import quantize
+
+    note = quantize(recipe.name, recipe.quantize, tmp_path / "merged", tmp_path / "prepared",
+                    tmp_path / "models", tmp_path / "qmetrics")
+    assert "skipped" in note and list((tmp_path / "models").iterdir()) == []

@@ -66,6 +66,13 @@ def cmd_merge(args: argparse.Namespace) -> dict:
     return merge(_recipe(args), args.adapter, args.out)
 
 
+def cmd_quantize(args: argparse.Namespace) -> dict:
+    from finetune.quantize import quantize
+
+    recipe = _recipe(args)
+    return quantize(recipe.name, recipe.quantize, args.merged, args.data, args.out, args.metrics)
+
+
 def cmd_heldout(args: argparse.Namespace) -> dict:
     from finetune.heldout import heldout
 
@@ -109,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("merge", cmd_merge, "merge the adapter into the 16-bit base")
     p.add_argument("--adapter", default="outputs/adapter")
     p.add_argument("--out", default="outputs/merged")
+
+    p = add("quantize", cmd_quantize, "merged model -> verified GGUF files (llama.cpp)")
+    p.add_argument("--merged", default="outputs/merged")
+    p.add_argument("--data", default="outputs/prepared")
+    p.add_argument("--out", default="models")
+    p.add_argument("--metrics", default="metrics/quantize")
 
     p = add("heldout", cmd_heldout, "score base vs fine-tuned on the held-out split")
     p.add_argument("--data", default="outputs/prepared")

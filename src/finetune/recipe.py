@@ -100,6 +100,19 @@ class MergeSpec(_Section):
     dtype: DType = "float16"
 
 
+QuantType = Literal["f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k"]
+
+
+class QuantizeSpec(_Section):
+    """GGUF export: which llama.cpp types to write, and how hard to check them."""
+
+    types: list[QuantType] = Field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"], min_length=1)
+    verify_prompts: int = Field(8, ge=1, description="Held-out prompts for the greedy token-match check")
+    verify_tokens: int = Field(32, ge=1, description="New tokens generated per prompt in the checks")
+    ppl_rows: int = Field(64, ge=1, description="Held-out rows scored for perplexity")
+    threads: int = Field(2, ge=1)
+
+
 class EvalSpec(_Section):
     """Held-out exact-match check run after merge (base vs fine-tuned)."""
 
@@ -119,6 +132,7 @@ class Recipe(_Section):
     quant: QuantSpec = QuantSpec()
     train: TrainSpec = TrainSpec()
     merge: MergeSpec = MergeSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
     eval: EvalSpec = EvalSpec()
 
     @model_validator(mode="after")

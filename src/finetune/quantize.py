@@ -1,0 +1,279 @@
+"""Stage ``quantize``: merged model -> GGUF files for llama.cpp / LM Studio / Ollama, verified.
+
+Converts with llama.cpp's own ``convert_hf_to_gguf.py`` (to f16), quantizes with
+``llama_cpp.llama_model_quantize``, then loads every file with llama.cpp and checks it:
+- the tokenizer round-trips: BOS/EOS and chat-template markers are single ids equal to the HF
+  tokenizer's, and prompts tokenize identically;
+- f16: greedy generation matches the merged HF model token for token on held-out prompts;
+- every type: perplexity on held-out text next to the HF model's, and a generation stops at EOS.
+A mismatch fails the stage naming the prompt and the first differing token.
+Reads the ``quantize`` section (and ``name`` for file names).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.outputs import atomic_dir, read_jsonl, write_json
+from finetune.recipe import QuantizeSpec
+
+# llama.cpp file types; f16/bf16 come straight from the converter
+FTYPES = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+F16_PPL_TOLERANCE = 0.02  # f16 perplexity may differ from the HF model's by at most 2%
+
+
+def converter_path() -> Path:
+    """llama.cpp's converter, unpacked from the pinned llama-cpp-python sdist by ``make install``."""
+    path = Path(os.environ.get("LLAMA_CPP_CONVERTER", Path(sys.prefix) / "llama.cpp" / "convert_hf_to_gguf.py"))
+    if not path.is_file():
+        raise FinetuneError(f"{path}: llama.cpp's converter is missing; run `make install` (or set LLAMA_CPP_CONVERTER)")
+    return path
+
+
+def convert_f16(merged_dir: Path, out_file: Path) -> float:
+    """HF folder -> f16 GGUF with llama.cpp's converter; returns seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(converter_path()), str(merged_dir), "--outtype", "f16", "--outfile", str(out_file)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FinetuneError(f"{merged_dir}: llama.cpp's converter failed ({last})")
+    return time.perf_counter() - start
+
+
+def quantize_file(src: Path, dst: Path, qtype: str, threads: int) -> float:
+    """f16 GGUF -> ``qtype`` GGUF through llama.cpp; returns seconds."""
+    import llama_cpp
+
+    if qtype not in FTYPES:
+        raise FinetuneError(f"quantize.types: '{qtype}' is not a llama.cpp type; use one of f16, {', '.join(FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[qtype])
+    params.nthread = threads
+    start = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.is_file():
+        raise FinetuneError(f"quantize.types: llama.cpp could not quantize {src.name} to {qtype} (code {rc})")
+    return time.perf_counter() - start
+
+
+def tensor_types(path: Path) -> tuple[dict[str, int], int]:
+    """How many tensors of each GGML type the file holds, and the total parameter count."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    n_params = 0
+    for tensor in GGUFReader(str(path)).tensors:
+        name = tensor.tensor_type.name.lower()
+        counts[name] = counts.get(name, 0) + 1
+        n_params += int(tensor.n_elements)
+    return dict(sorted(counts.items())), n_params
+
+
+def open_gguf(path: Path, n_ctx: int, threads: int, logits_all: bool = False):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, logits_all=logits_all, verbose=False, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def check_tokenizer(llm, tokenizer, prompts: list[str], name: str) -> None:
+    """Special tokens are single, equal ids on both sides; prompts tokenize identically."""
+    specials = {t for t in [tokenizer.bos_token, tokenizer.eos_token, *tokenizer.all_special_tokens] if t}
+    for token in sorted(specials):
+        hf_ids = tokenizer.convert_tokens_to_ids([token])
+        cpp_ids = llm.tokenize(token.encode(), add_bos=False, special=True)
+        if len(cpp_ids) != 1 or cpp_ids != hf_ids:
+            raise FinetuneError(f"{name}: special token {token!r} is {cpp_ids} in the GGUF but {hf_ids} in the HF tokenizer")
+    if tokenizer.eos_token_id is not None and llm.token_eos() != tokenizer.eos_token_id:
+        raise FinetuneError(
+            f"{name}: EOS id is {llm.token_eos()} in the GGUF but {tokenizer.eos_token_id} "
+            f"({tokenizer.eos_token!r}) in the HF tokenizer; generations would not stop"
+        )
+    add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
+    for index, prompt in enumerate(prompts):
+        hf_ids = tokenizer(prompt)["input_ids"]
+        cpp_ids = llm.tokenize(prompt.encode(), add_bos=add_bos, special=True)
+        if cpp_ids != hf_ids:
+            at = next((i for i, (a, b) in enumerate(zip(hf_ids, cpp_ids)) if a != b), min(len(hf_ids), len(cpp_ids)))
+            raise FinetuneError(
+                f"{name}: prompt {index} tokenizes differently at token {at} "
+                f"(HF {hf_ids[at:at + 3]} vs GGUF {cpp_ids[at:at + 3]})"
+            )
+
+
+def greedy_cpp(llm, prompt_ids: list[int], max_new: int, eos: set[int]) -> list[int]:
+    llm.reset()
+    llm.eval(prompt_ids)
+    out: list[int] = []
+    for _ in range(max_new):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        if token in eos:
+            break
+        llm.eval([token])
+    return out
+
+
+@torch.inference_mode()
+def greedy_hf(model, prompt_ids: list[int], max_new: int, eos: set[int]) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
+    return out[0, len(prompt_ids):].tolist()
+
+
+def check_generation(llm, model, tokenizer, prompts: list[str], max_new: int, name: str) -> int:
+    """Greedy tokens from llama.cpp equal the HF model's; returns how many generations ended at EOS."""
+    eos = eos_set(model, tokenizer)
+    stopped = 0
+    for index, prompt in enumerate(prompts):
+        ids = tokenizer(prompt)["input_ids"]
+        hf, cpp = greedy_hf(model, ids, max_new, eos), greedy_cpp(llm, ids, max_new, eos)
+        if hf != cpp:
+            at = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), min(len(hf), len(cpp)))
+            got = tokenizer.decode(cpp[at:at + 1]) if at < len(cpp) else "<end>"
+            want = tokenizer.decode(hf[at:at + 1]) if at < len(hf) else "<end>"
+            raise FinetuneError(
+                f"{name}: greedy output differs from the merged model on prompt {index} "
+                f"({prompt[-60:]!r}) at new token {at}: GGUF {got!r} vs HF {want!r}"
+            )
+        stopped += bool(cpp) and cpp[-1] in eos
+    return stopped
+
+
+def eos_set(model, tokenizer) -> set[int]:
+    gen = model.generation_config.eos_token_id
+    ids = set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def _nll(logits: np.ndarray, targets: list[int]) -> float:
+    logits = logits.astype(np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1)))
+    return float((logz - logits[np.arange(len(targets)), targets]).sum())
+
+
+def perplexity_cpp(llm, sequences: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    for ids in sequences:
+        llm.reset()
+        llm.eval(ids)
+        total += _nll(np.asarray(llm.scores[: len(ids) - 1]), ids[1:])
+        count += len(ids) - 1
+    return math.exp(total / count)
+
+
+@torch.inference_mode()
+def perplexity_hf(model, sequences: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    for ids in sequences:
+        logits = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
+        total += _nll(logits, ids[1:])
+        count += len(ids) - 1
+    return math.exp(total / count)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: str | Path,
+             out_dir: str | Path, metrics_dir: str | Path) -> dict[str, Any]:
+    """Run the stage; return the metrics written (one file per type under ``metrics_dir``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = Path(merged_dir)
+    if not (merged_dir / "config.json").is_file():
+        raise FinetuneError(f"{merged_dir}/config.json: missing; run the merge stage first")
+    architectures = json.loads((merged_dir / "config.json").read_text()).get("architectures") or [""]
+    if not architectures[0].endswith("ForCausalLM"):
+        note = {"skipped": f"{architectures[0]} is not a causal LM; llama.cpp serves generative models"}
+        with atomic_dir(out_dir) as tmp, atomic_dir(metrics_dir) as mtmp:
+            write_json(mtmp / "skipped.json", note)
+        return note
+    rows = read_jsonl(Path(data_dir) / "test.jsonl")
+    if not rows or "prompt" not in rows[0]:
+        raise FinetuneError(f"{data_dir}/test.jsonl: quantize needs held-out prompt/completion rows")
+    prompts = [r["prompt"] for r in rows[: spec.verify_prompts]]
+    texts = [r["prompt"] + r["completion"] for r in rows[: spec.ppl_rows]]
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    sequences = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    n_ctx = max(len(s) for s in [*sequences, *(tokenizer(p)["input_ids"] for p in prompts)]) + spec.verify_tokens + 8
+    hf_ppl = perplexity_hf(model, sequences)
+
+    results: dict[str, dict[str, Any]] = {}
+    with atomic_dir(out_dir) as tmp:
+        f16 = tmp / f"{name}-f16.gguf"
+        seconds = {"f16": convert_f16(merged_dir, f16)}
+        for qtype in spec.types:
+            if qtype != "f16":
+                seconds[qtype] = quantize_file(f16, tmp / f"{name}-{qtype}.gguf", qtype, spec.threads)
+        for qtype in ["f16", *[t for t in spec.types if t != "f16"]]:
+            path = tmp / f"{name}-{qtype}.gguf"
+            label = f"{name}-{qtype}.gguf"
+            llm = open_gguf(path, n_ctx, spec.threads, logits_all=True)
+            check_tokenizer(llm, tokenizer, prompts, label)
+            if qtype == "f16":
+                stopped = check_generation(llm, model, tokenizer, prompts, spec.verify_tokens, label)
+            else:
+                eos = eos_set(model, tokenizer)
+                outs = [greedy_cpp(llm, tokenizer(p)["input_ids"], spec.verify_tokens, eos) for p in prompts]
+                stopped = sum(bool(o) and o[-1] in eos for o in outs)
+            ppl = perplexity_cpp(llm, sequences)
+            del llm
+            if not math.isfinite(ppl):
+                raise FinetuneError(f"{label}: perplexity is {ppl}; the file is broken")
+            if qtype == "f16" and abs(ppl / hf_ppl - 1) > F16_PPL_TOLERANCE:
+                raise FinetuneError(f"{label}: perplexity {ppl:.4f} vs {hf_ppl:.4f} for the merged model "
+                                    f"(more than {F16_PPL_TOLERANCE:.0%} apart); the conversion is wrong")
+            types, n_params = tensor_types(path)
+            size = path.stat().st_size
+            results[qtype] = {
+                "file": label,
+                "size_bytes": size,
+                "size_mib": round(size / 2**20, 2),
+                "bits_per_weight": round(size * 8 / n_params, 3),
+                "seconds": round(seconds[qtype], 2) if qtype == "f16" else round(seconds[qtype] + seconds["f16"], 2),
+                "perplexity": round(ppl, 4),
+                "hf_perplexity": round(hf_ppl, 4),
+                "perplexity_ratio": round(ppl / hf_ppl, 4),
+                "tensor_types": types,
+                "verify_prompts": len(prompts),
+                "stopped_at_eos": stopped,
+            }
+        if "f16" not in spec.types:
+            f16.unlink()
+    kept = {k: v for k, v in results.items() if k in spec.types}
+    with atomic_dir(metrics_dir) as tmp:
+        for qtype, metrics in kept.items():
+            write_json(tmp / f"{qtype}.json", metrics)
+    return kept

@@ -1,0 +1,106 @@
+"""quantize: llama.cpp converts, quantizes and loads the GGUF; the checks really run and really fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.errors import FinetuneError
+from finetune.outputs import write_jsonl
+from finetune.recipe import QuantizeSpec
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
+
+PROMPTS = [f"<|im_start|>user\nWhat is {i} + {i}?<|im_end|>\n<|im_start|>assistant\n" for i in range(6)]
+SPEC = QuantizeSpec(types=["f16", "q8_0", "q4_k_m"], verify_prompts=4, verify_tokens=8, ppl_rows=6)
+
+
+@pytest.fixture
+def prepared(tmp_path) -> Path:
+    write_jsonl(tmp_path / "prepared" / "test.jsonl", [{"prompt": p, "completion": str(2 * i)} for i, p in enumerate(PROMPTS)])
+    return tmp_path / "prepared"
+
+
+def test_quantize_writes_and_verifies_every_type(tiny_llama_256, prepared, tmp_path):
+    from finetune.quantize import quantize
+
+    metrics = quantize("tiny", SPEC, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "tiny-f16.gguf", "tiny-q4_k_m.gguf", "tiny-q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["f16.json", "q4_k_m.json", "q8_0.json"]
+    assert json.loads((tmp_path / "metrics" / "q8_0.json").read_text()) == metrics["q8_0"]
+    bpw = {t: m["bits_per_weight"] for t, m in metrics.items()}
+    # file bytes per weight: the tiny model carries a 49k-token vocabulary, so a little above nominal
+    assert 15.5 < bpw["f16"] < 18 and 8 < bpw["q8_0"] < 10 and bpw["q4_k_m"] < 8
+    assert "q4_k" in metrics["q4_k_m"]["tensor_types"]
+    assert abs(metrics["f16"]["perplexity_ratio"] - 1) < 0.02
+    # quantization costs something, and the table shows it next to the HF model's perplexity
+    assert metrics["q4_k_m"]["perplexity"] != metrics["f16"]["perplexity"]
+    assert all(m["hf_perplexity"] == metrics["f16"]["hf_perplexity"] for m in metrics.values())
+
+
+def test_only_requested_types_are_kept(tiny_llama_256, prepared, tmp_path):
+    from finetune.quantize import quantize
+
+    spec = SPEC.model_copy(update={"types": ["q8_0"]})
+    quantize("tiny", spec, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-q8_0.gguf"]
+
+
+def _convert_then(mutate):
+    """A convert_f16 that damages the file it wrote (what a broken converter would do)."""
+    from finetune import quantize as q
+
+    real = q.convert_f16
+
+    def convert(merged_dir, out_file):
+        seconds = real(merged_dir, out_file)
+        mutate(Path(out_file))
+        return seconds
+
+    return convert
+
+
+def _corrupt_weights(path: Path) -> None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    data = tensor.data.view(np.uint16)
+    data[:] = np.random.default_rng(0).integers(0, 2**14, size=data.shape, dtype=np.uint16)
+    del reader
+
+
+def _wrong_eos(path: Path) -> None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    field = reader.fields["tokenizer.ggml.eos_token_id"]
+    field.parts[field.data[0]][0] = 7
+    del reader
+
+
+@pytest.mark.parametrize(("mutate", "message"), [(_corrupt_weights, "differs from the merged model"),
+                                                 (_wrong_eos, "EOS id is 7")])
+def test_a_broken_gguf_fails_the_stage(tiny_llama_256, prepared, tmp_path, monkeypatch, mutate, message):
+    from finetune import quantize as q
+
+    monkeypatch.setattr(q, "convert_f16", _convert_then(mutate))
+    with pytest.raises(FinetuneError, match=message) as err:
+        q.quantize("tiny", SPEC, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "models").exists(), "a failed check leaves no output behind"
+
+
+def test_unknown_type_is_a_one_line_error(tmp_path):
+    from finetune.quantize import quantize_file
+    from finetune.recipe import parse_recipe
+
+    with pytest.raises(FinetuneError, match="quantize.types"):
+        parse_recipe({"name": "x", "model": {"id": "m"}, "data": {"local_path": "d", "format": "alpaca"},
+                      "quantize": {"types": ["q4_k_x"]}}, "params.yaml")
+    with pytest.raises(FinetuneError, match="not a llama.cpp type"):
+        quantize_file(tmp_path / "a.gguf", tmp_path / "b.gguf", "q4_k_x", 1)
