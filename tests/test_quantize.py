@@ -104,3 +104,58 @@ def test_unknown_type_is_a_one_line_error(tmp_path):
                       "quantize": {"types": ["q4_k_x"]}}, "params.yaml")
     with pytest.raises(FinetuneError, match="not a llama.cpp type"):
         quantize_file(tmp_path / "a.gguf", tmp_path / "b.gguf", "q4_k_x", 1)
+
+
+class _Tok:
+    eos_token_id = 9
+
+    def __call__(self, text):
+        return {"input_ids": [1, 2, 3]}
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+class _HF:
+    """Greedy HF stand-in: always answers [5, EOS]."""
+
+    class generation_config:  # noqa: N801
+        eos_token_id = 9
+
+    device = "cpu"
+
+    def generate(self, ids, **kw):
+        import torch
+
+        return torch.cat([ids, torch.tensor([[5, 9]])], dim=1)
+
+
+class _Cpp:
+    """llama.cpp stand-in producing the same greedy tokens; its completion loop reports `finish`."""
+
+    def __init__(self, finish):
+        self.finish, self.n_tokens, self.tokens = finish, 0, []
+
+    def reset(self):
+        self.n_tokens, self.tokens = 0, []
+
+    def eval(self, ids):
+        self.tokens += list(ids)
+        self.n_tokens = len(self.tokens)
+
+    @property
+    def scores(self):
+        rows = np.zeros((self.n_tokens, 10))
+        rows[-1, 5 if self.tokens[-1] != 5 else 9] = 1.0
+        return rows
+
+    def create_completion(self, ids, **kw):
+        return {"choices": [{"finish_reason": self.finish}]}
+
+
+def test_generation_must_stop_at_eos_where_the_hf_model_does():
+    from finetune.quantize import check_generation
+
+    assert check_generation(_Cpp("stop"), _HF(), _Tok(), ["p"], 8, "x.gguf") == 1
+    with pytest.raises(FinetuneError, match="does not stop at EOS"):
+        check_generation(_Cpp("length"), _HF(), _Tok(), ["p"], 8, "x.gguf")

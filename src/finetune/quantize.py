@@ -143,14 +143,15 @@ def greedy_cpp(llm, prompt_ids: list[int], max_new: int, eos: set[int]) -> list[
 
 @torch.inference_mode()
 def greedy_hf(model, prompt_ids: list[int], max_new: int, eos: set[int]) -> list[int]:
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
                          eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
     return out[0, len(prompt_ids):].tolist()
 
 
 def check_generation(llm, model, tokenizer, prompts: list[str], max_new: int, name: str) -> int:
-    """Greedy tokens from llama.cpp equal the HF model's; returns how many generations ended at EOS."""
+    """Greedy tokens from llama.cpp equal the HF model's; where the HF model stopped at EOS,
+    llama.cpp's own completion loop must stop there too. Returns how many stopped at EOS."""
     eos = eos_set(model, tokenizer)
     stopped = 0
     for index, prompt in enumerate(prompts):
@@ -164,7 +165,12 @@ def check_generation(llm, model, tokenizer, prompts: list[str], max_new: int, na
                 f"{name}: greedy output differs from the merged model on prompt {index} "
                 f"({prompt[-60:]!r}) at new token {at}: GGUF {got!r} vs HF {want!r}"
             )
-        stopped += bool(cpp) and cpp[-1] in eos
+        if hf and hf[-1] in eos:
+            llm.reset()
+            finish = llm.create_completion(ids, max_tokens=max_new + 1, temperature=0.0)["choices"][0]["finish_reason"]
+            if finish != "stop":
+                raise FinetuneError(f"{name}: llama.cpp does not stop at EOS on prompt {index} (finish: {finish})")
+            stopped += 1
     return stopped
 
 
@@ -195,7 +201,7 @@ def perplexity_cpp(llm, sequences: list[list[int]]) -> float:
 def perplexity_hf(model, sequences: list[list[int]]) -> float:
     total, count = 0.0, 0
     for ids in sequences:
-        logits = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
+        logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1].float().cpu().numpy()
         total += _nll(logits, ids[1:])
         count += len(ids) - 1
     return math.exp(total / count)
@@ -225,7 +231,8 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
     prompts = [r["prompt"] for r in rows[: spec.verify_prompts]]
     texts = [r["prompt"] + r["completion"] for r in rows[: spec.ppl_rows]]
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(device).eval()
     sequences = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     n_ctx = max(len(s) for s in [*sequences, *(tokenizer(p)["input_ids"] for p in prompts)]) + spec.verify_tokens + 8
     hf_ppl = perplexity_hf(model, sequences)
