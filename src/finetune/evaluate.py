@@ -1,0 +1,149 @@
+"""Stage ``eval``: score the base model, the merged fine-tuned model and every GGUF side by side.
+
+Benchmarks: lm-eval tasks (``eval.tasks``, offline YAMLs in ``eval/tasks/``) and HumanEval
+(``eval.humaneval_limit`` problems; generated code runs in the sandbox of :mod:`finetune.humaneval`).
+Backends: HF weights through transformers; a GGUF through llama.cpp for HumanEval and through
+transformers' GGUF dequantization for lm-eval (token log-probs are needed there). Each score is
+written with the settings that produced it (batch size, dtype, few-shot, chat template, seeds).
+Reads the ``model`` and ``eval`` sections.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune import humaneval, lmeval
+from finetune.models import load_model, load_tokenizer, resolve_source
+from finetune.outputs import atomic_dir, write_json, write_jsonl
+from finetune.recipe import EvalSpec, ModelSpec, Recipe
+
+CHAT_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
+STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+
+
+def humaneval_prompt(problem: dict, tokenizer: Any, style: str) -> str:
+    """Base models continue the code; chat models get the function inside their chat template."""
+    if style == "completion":
+        return problem["prompt"]
+    messages = [{"role": "user", "content": CHAT_INSTRUCTION + "```python\n" + problem["prompt"] + "```"}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def extract_completion(text: str, problem: dict, style: str) -> str:
+    """The code to append to the problem's prompt.
+
+    Completion style: cut at the first top-level statement after the body (HumanEval's stop
+    sequences). Chat style: the first fenced code block (or the raw reply), appended as a whole;
+    a full ``def`` redefines the prompt's docstring-only function, which is valid Python.
+    """
+    if style == "completion":
+        cut = min((i for i in (text.find(s) for s in STOP) if i >= 0), default=len(text))
+        return text[:cut]
+    block = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
+    code = block.group(1) if block else text
+    return "\n" + code
+
+
+@torch.inference_mode()
+def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        out.extend(tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def generate_gguf(path: Path, prompts: list[str], max_new_tokens: int, threads: int) -> list[str]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, verbose=False, seed=0)
+    try:
+        return [llm.create_completion(p, max_tokens=max_new_tokens, temperature=0.0)["choices"][0]["text"]
+                for p in prompts]
+    finally:
+        del llm
+
+
+def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any) -> tuple[dict, list[dict]]:
+    """Greedy pass@1 on the first ``humaneval_limit`` problems for one model variant."""
+    problems = humaneval.load_problems(limit=spec.humaneval_limit)
+    prompts = [humaneval_prompt(p, tokenizer, spec.humaneval_prompt) for p in problems.values()]
+    start = time.perf_counter()
+    if variant["kind"] == "gguf":
+        texts = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.threads)
+    else:
+        model = load_model(variant["spec"], torch.float32).eval()
+        texts = generate_hf(model, tokenizer, prompts, spec.humaneval_max_new_tokens, spec.batch_size)
+        del model
+    samples = [{"task_id": tid, "completion": extract_completion(t, p, spec.humaneval_prompt)}
+               for (tid, p), t in zip(problems.items(), texts)]
+    metrics, results = humaneval.evaluate(problems, samples, k=(1,), timeout=spec.humaneval_timeout)
+    metrics |= {"generation_seconds": round(time.perf_counter() - start, 2),
+                "prompt_style": spec.humaneval_prompt, "max_new_tokens": spec.humaneval_max_new_tokens,
+                "decoding": "greedy", "backend": "llama.cpp" if variant["kind"] == "gguf" else "transformers"}
+    rows = [s | {"raw": t} | {k: r[k] for k in ("passed", "result")} for s, t, r in zip(samples, texts, results)]
+    return metrics, rows
+
+
+def variants(recipe: Recipe, merged_dir: Path, gguf_dir: Path) -> list[dict]:
+    """base, finetuned, and one entry per GGUF file the quantize stage wrote."""
+    merged = ModelSpec(id=str(merged_dir), task=recipe.model.task, num_labels=recipe.model.num_labels)
+    out = [{"name": "base", "kind": "hf", "spec": recipe.model},
+           {"name": "finetuned", "kind": "hf", "spec": merged}]
+    for path in sorted(gguf_dir.glob("*.gguf")):
+        qtype = path.stem.rsplit("-", 1)[-1]
+        if recipe.eval.gguf_types is None or qtype in recipe.eval.gguf_types:
+            out.append({"name": f"gguf-{qtype}", "kind": "gguf", "path": path})
+    return out
+
+
+def _lmeval_target(variant: dict) -> tuple[str, str | None]:
+    if variant["kind"] == "gguf":
+        return str(variant["path"].parent), variant["path"].name
+    spec: ModelSpec = variant["spec"]
+    return resolve_source(spec.id), spec.gguf_file
+
+
+def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepared_dir: str | Path,
+             metrics_dir: str | Path, samples_dir: str | Path) -> dict[str, Any]:
+    """Run the stage; return {variant: metrics}."""
+    if recipe.model.task != "causal_lm":
+        note = {"skipped": "lm-eval and HumanEval score causal LMs; this classifier's accuracy is in metrics/train.json"}
+        with atomic_dir(samples_dir), atomic_dir(metrics_dir) as tmp:
+            write_json(tmp / "skipped.json", note)
+        return note
+    spec = recipe.eval
+    torch.manual_seed(spec.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    results: dict[str, Any] = {}
+    with atomic_dir(samples_dir) as samples_tmp:
+        for variant in variants(recipe, Path(merged_dir), Path(gguf_dir)):
+            name = variant["name"]
+            entry: dict[str, Any] = {"recipe": recipe.name, "variant": name}
+            if spec.tasks:
+                path, gguf_file = _lmeval_target(variant)
+                scored = lmeval.run(
+                    path, list(spec.tasks), gguf_file=gguf_file, data_dir=spec.data_dir,
+                    prepared_dir=str(prepared_dir), num_fewshot=spec.num_fewshot,
+                    batch_size=spec.batch_size, limit=spec.task_limit, seed=spec.seed,
+                    device="cuda" if torch.cuda.is_available() else "cpu",
+                    allow_code_execution="ft_mbpp" in spec.tasks,
+                )
+                write_jsonl(samples_tmp / f"{name}-lm_eval.jsonl", scored.pop("samples"))
+                entry["lm_eval"] = scored
+            if spec.humaneval_limit != 0:
+                entry["humaneval"], rows = run_humaneval(variant, spec, tokenizer)
+                write_jsonl(samples_tmp / f"{name}-humaneval.jsonl", rows)
+            results[name] = entry
+    with atomic_dir(metrics_dir) as tmp:
+        for name, entry in results.items():
+            write_json(tmp / f"{name}.json", entry)
+    return results

@@ -1,0 +1,379 @@
+"""Offline lm-evaluation-harness runs on the project's task YAMLs (``eval/tasks/``).
+
+The shipped YAMLs read local files only (``dataset_path: json``/``csv`` + ``data_files``). Their data
+paths start with two placeholders, ``{data_dir}`` (the shared data root, default ``../shared/data``
+next to the repo) and ``{prepared_dir}`` (the prepare stage's output, default
+``outputs/prepared``); :func:`render_tasks` copies the folder with both substituted and
+:func:`run` hands the copy to lm-eval's ``TaskManager`` as its include path.
+
+Scoring goes through lm-eval's ``hf`` model (transformers). A GGUF file is scored by transformers
+dequantizing it (``gguf_file=``), not by llama.cpp: the config returned says so.
+
+``python -m finetune.lmeval write-mmlu [DATA_DIR]`` regenerates the 57 ``ft_mmlu_<subject>.yaml``
+files and the two MMLU groups from the subject folders of nutcracker-db.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS_DIR = ROOT / "eval" / "tasks"
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
+DEFAULT_PREPARED_DIR = ROOT / "outputs" / "prepared"
+PLACEHOLDERS = ("{data_dir}", "{prepared_dir}")
+
+MMLU_DB = "nutcracker-db/db"
+MMLU_QUICK = ("computer_security", "jurisprudence", "us_foreign_policy", "global_facts")
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+# --------------------------------------------------------------------------------- rendering
+def _yaml_quote(path: Path) -> str:
+    """The path as it goes inside the YAMLs' single-quoted strings (a ' is doubled)."""
+    return path.as_posix().replace("'", "''")
+
+
+def render_tasks(data_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy ``eval/tasks`` into ``out_dir`` with ``{data_dir}``/``{prepared_dir}`` replaced.
+
+    Paths are made absolute, so the rendered folder works from any working directory. Returns
+    ``out_dir``. Files other than ``.yaml`` and ``.py`` are not copied.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _yaml_quote(Path(data_dir).expanduser().resolve())
+    prepared = _yaml_quote(Path(prepared_dir).expanduser().resolve())
+    for src in sorted(TASKS_DIR.iterdir()):
+        if src.suffix == ".yaml":
+            text = src.read_text().replace("{data_dir}", data).replace("{prepared_dir}", prepared)
+            (out / src.name).write_text(text)
+        elif src.suffix == ".py":
+            shutil.copyfile(src, out / src.name)
+    return out
+
+
+def shipped_task_files() -> list[Path]:
+    """The task/group YAMLs in ``eval/tasks`` (templates, named ``_*.yaml``, excluded)."""
+    return sorted(p for p in TASKS_DIR.glob("*.yaml") if not p.name.startswith("_"))
+
+
+def task_manager(rendered: str | Path, include_defaults: bool = False):
+    """lm-eval's TaskManager over a rendered folder.
+
+    lm-eval's built-in tasks are left out unless asked for: they download from the hub, and
+    indexing their ~15,000 YAMLs costs ~7 s.
+    """
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(rendered), include_defaults=include_defaults)
+
+
+def _known_names(tm) -> list[str]:
+    return sorted(tm.all_tasks)
+
+
+def check_task_names(tm, tasks: list[str]) -> None:
+    """Raise a one-line FinetuneError naming the close matches of any unknown task."""
+    known = _known_names(tm)
+    for name in tasks:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        if close:
+            hint = "close matches: " + ", ".join(close)
+        else:
+            top = [k for k in known if k.startswith("ft_") and (not k.startswith("ft_mmlu_") or k == "ft_mmlu_quick")]
+            hint = "no close match; known: " + ", ".join(top) + ", ft_mmlu_<subject>"
+        raise FinetuneError(f"lm-eval task '{name}' is unknown ({hint})")
+
+
+def _leaf_configs(tm, name: str, seen: set[str] | None = None) -> list[dict]:
+    """The raw configs of the leaf tasks behind a task, group or tag name."""
+    seen = set() if seen is None else seen
+    if name in seen:
+        return []
+    seen.add(name)
+    entry = tm.task_index.get(name)
+    if entry is None:
+        return []
+    cfg = entry.cfg or {}
+    if "group" in cfg:
+        out = []
+        for child in cfg.get("task", []):
+            out += _leaf_configs(tm, child if isinstance(child, str) else child.get("task", ""), seen)
+        return out
+    if entry.cfg is None:  # a tag
+        return [c for t in sorted(entry.tags) for c in _leaf_configs(tm, t, seen)]
+    return [cfg]
+
+
+def check_code_execution(tm, tasks: list[str], allowed: bool) -> None:
+    """Raise a FinetuneError when a requested task runs model-written code and that is not allowed."""
+    if allowed:
+        return
+    for name in tasks:
+        for cfg in _leaf_configs(tm, name):
+            if cfg.get("unsafe_code"):
+                raise FinetuneError(
+                    f"lm-eval task '{cfg.get('task')}' runs model-written code (in finetune.humaneval's "
+                    "sandbox); pass allow_code_execution=True to run it"
+                )
+
+
+def check_data_files(tm, tasks: list[str]) -> None:
+    """Raise a FinetuneError when a data file of a requested task is missing."""
+    for name in tasks:
+        for cfg in _leaf_configs(tm, name):
+            files = ((cfg.get("dataset_kwargs") or {}).get("data_files") or {})
+            for split, path in files.items():
+                for p in path if isinstance(path, list) else [path]:
+                    if not Path(p).is_file():
+                        raise FinetuneError(
+                            f"lm-eval task '{cfg.get('task')}': {split} data file {p} not found; "
+                            "pass data_dir (shared data root) / prepared_dir (prepare stage output)"
+                        )
+
+
+# --------------------------------------------------------------------------------- running
+def _model_args(model_path: str, gguf_file: str | None, dtype: str) -> tuple[dict, str]:
+    source = model_path
+    if source.startswith("pypi:"):
+        from finetune.models import resolve_source
+
+        source = resolve_source(source)
+    if gguf_file is None and source.endswith(".gguf") and Path(source).is_file():
+        source, gguf_file = str(Path(source).parent), Path(source).name
+    if not Path(source).exists():
+        raise FinetuneError(f"lm-eval model '{model_path}': local path {source} does not exist")
+    if gguf_file is not None and not (Path(source) / gguf_file).is_file():
+        raise FinetuneError(f"lm-eval gguf_file '{gguf_file}': not found in {source}")
+    if dtype not in DTYPES:
+        raise FinetuneError(f"lm-eval dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    args: dict[str, Any] = {"pretrained": source, "dtype": dtype, "backend": "causal"}
+    if gguf_file:
+        args["gguf_file"] = gguf_file
+    return args, source
+
+
+def _number(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def _metrics(raw: dict[str, Any]) -> dict[str, float | None]:
+    """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` as ``{"acc": .., "acc_stderr": ..}``.
+
+    A metric under a named filter (gsm8k's ``strict-match``) becomes ``<metric>_<filter>`` with
+    ``-`` turned into ``_``.
+    """
+    out: dict[str, float | None] = {}
+    for key, value in raw.items():
+        if key == "alias" or "," not in key:
+            continue
+        metric, _, filt = key.partition(",")
+        name = metric if filt == "none" else f"{metric}_{filt}".replace("-", "_")
+        out[name] = _number(value)
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable))
+
+
+def run(
+    model_path: str,
+    tasks: list[str],
+    *,
+    gguf_file: str | None = None,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    prepared_dir: str | Path = DEFAULT_PREPARED_DIR,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    limit: int | float | None = None,
+    seed: int = 1234,
+    device: str = "cpu",
+    dtype: str = "float32",
+    apply_chat_template: bool = False,
+    allow_code_execution: bool = False,
+    include_defaults: bool = False,
+) -> dict[str, Any]:
+    """Score a local model (folder, ``pypi:`` package or GGUF) on the project's lm-eval tasks.
+
+    Returns ``{"results": {task: {metric: value}}, "config": {...}, "samples": [...]}``:
+    ``results`` holds every task and group lm-eval reported (stderr included, ``n`` = documents
+    scored); ``config`` what the numbers depend on; ``samples`` one record per scored document and
+    filter (lm-eval's ``log_samples`` records, JSON-safe, with a ``task`` key; gsm8k has two
+    filters, so two records a question).
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise FinetuneError("lm-eval: no tasks given")
+    if apply_chat_template and "ft_quickstart_heldout" in tasks:
+        raise FinetuneError(
+            "lm-eval task 'ft_quickstart_heldout': its prompts are already chat-templated; "
+            "run it with apply_chat_template off"
+        )
+    model_args, source = _model_args(model_path, gguf_file, dtype)
+
+    import lm_eval
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="ft-lmeval-tasks-") as tmp:
+        rendered = render_tasks(data_dir, prepared_dir, tmp)
+        tm = task_manager(rendered, include_defaults=include_defaults)
+        check_task_names(tm, tasks)
+        check_code_execution(tm, tasks, allow_code_execution)
+        check_data_files(tm, tasks)
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            log_samples=True,
+            apply_chat_template=apply_chat_template,
+            confirm_run_unsafe_code=allow_code_execution,
+            task_manager=tm,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=1000,  # only non-mean metrics bootstrap; ours all have closed-form stderr
+        )
+    if out is None:  # only on non-zero ranks of a distributed run
+        raise FinetuneError("lm-eval returned no results (not the main process?)")
+
+    n_samples = out.get("n-samples", {})
+    results: dict[str, dict[str, float | None]] = {}
+    for name, raw in out["results"].items():
+        results[name] = _metrics(raw)
+        count = n_samples.get(name, {}).get("effective", raw.get("sample_len"))  # groups: sample_len
+        if count is not None:
+            results[name]["n"] = int(count)
+    samples: list[dict] = []
+    for name, rows in (out.get("samples") or {}).items():
+        samples += [{"task": name, **_jsonable(row)} for row in rows]
+
+    config = {
+        "backend": "transformers (dequantized GGUF)" if model_args.get("gguf_file") else "transformers",
+        "model": model_path,
+        "model_source": source,
+        "gguf_file": model_args.get("gguf_file"),
+        "tasks": tasks,
+        "num_fewshot": num_fewshot,
+        "n_shot": out.get("n-shot", {}),
+        "batch_size": batch_size,
+        "device": device,
+        "dtype": dtype,
+        "limit": limit,
+        "max_length": out.get("max_length"),
+        "seeds": {"random": seed, "numpy": seed, "torch": seed, "fewshot": seed},
+        "chat_template": bool(apply_chat_template),
+        "code_execution": bool(allow_code_execution),
+        "data_dir": str(Path(data_dir).expanduser().resolve()),
+        "prepared_dir": str(Path(prepared_dir).expanduser().resolve()),
+        "task_versions": _jsonable(out.get("versions", {})),
+        "versions": {"lm_eval": _version("lm_eval"), "transformers": transformers.__version__,
+                     "torch": torch.__version__},
+    }
+    return {"results": results, "config": config, "samples": samples}
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------------- MMLU YAMLs
+def mmlu_subjects(data_dir: str | Path = DEFAULT_DATA_DIR) -> list[str]:
+    """The MMLU subjects (``abstract_algebra``, ...) present in nutcracker-db."""
+    db = Path(data_dir) / MMLU_DB
+    return sorted(p.name.removeprefix("mmlu-").replace("-", "_") for p in db.glob("mmlu-*") if p.is_dir())
+
+
+def mmlu_subject_yaml(subject: str) -> str:
+    folder = "mmlu-" + subject.replace("_", "-")
+    words = subject.replace("_", " ")
+    return (
+        "# generated by `python -m finetune.lmeval write-mmlu`; settings in _ft_mmlu_template.yaml\n"
+        "include: _ft_mmlu_template.yaml\n"
+        f"task: ft_mmlu_{subject}\n"
+        f"task_alias: {words}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    dev: '{{data_dir}}/{MMLU_DB}/{folder}/dev.json'\n"
+        f"    test: '{{data_dir}}/{MMLU_DB}/{folder}/test.json'\n"
+        f'description: "The following are multiple choice questions (with answers) about {words}.\\n\\n"\n'
+    )
+
+
+def mmlu_group_yaml(group: str, subjects: list[str], what: str) -> str:
+    listed = "".join(f"  - ft_mmlu_{s}\n" for s in subjects)
+    return (
+        f"# generated by `python -m finetune.lmeval write-mmlu`: {what}\n"
+        f"group: {group}\n"
+        "task:\n"
+        f"{listed}"
+        "aggregate_metric_list:\n"
+        "  - metric: acc\n"
+        "    weight_by_size: true\n"
+        "metadata:\n"
+        "  version: 1.0\n"
+    )
+
+
+def mmlu_files(subjects: list[str]) -> dict[str, str]:
+    """File name -> text of every generated MMLU YAML (subjects and the two groups)."""
+    files = {f"ft_mmlu_{s}.yaml": mmlu_subject_yaml(s) for s in subjects}
+    files["ft_mmlu.yaml"] = mmlu_group_yaml(
+        "ft_mmlu", subjects, f"all {len(subjects)} subjects, accuracy averaged over questions")
+    files["ft_mmlu_quick.yaml"] = mmlu_group_yaml(
+        "ft_mmlu_quick", list(MMLU_QUICK), "4 small subjects (STEM, humanities, social, other)")
+    return files
+
+
+def write_mmlu(data_dir: str | Path = DEFAULT_DATA_DIR, out_dir: str | Path = TASKS_DIR) -> list[Path]:
+    subjects = mmlu_subjects(data_dir)
+    if not subjects:
+        raise FinetuneError(f"{Path(data_dir) / MMLU_DB}: no mmlu-* folders")
+    written = []
+    for name, text in mmlu_files(subjects).items():
+        path = Path(out_dir) / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "write-mmlu":
+        paths = write_mmlu(*(sys.argv[2:3] or [DEFAULT_DATA_DIR]))
+        print(f"wrote {len(paths)} files to {TASKS_DIR}")
+    else:
+        print("usage: python -m finetune.lmeval write-mmlu [DATA_DIR]", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,59 @@
+"""eval stage pieces: HumanEval prompts and code extraction, the report table."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.evaluate import extract_completion, humaneval_prompt
+from finetune.humaneval import evaluate as score, load_problems
+from finetune.report import markdown, rows_from
+
+PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "entry_point": "add",
+           "test": "def check(f):\n    assert f(1, 2) == 3\n", "canonical_solution": "    return a + b\n"}
+
+
+def test_completion_style_cuts_at_the_next_top_level_statement():
+    text = "    return a + b\n\ndef other():\n    pass\n"
+    assert extract_completion(text, PROBLEM, "completion") == "    return a + b\n"
+
+
+@pytest.mark.parametrize("reply", [
+    "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.",
+    "```\ndef add(a, b):\n    return a + b\n```",
+    "def add(a, b):\n    return a + b\n",
+])
+def test_chat_style_takes_the_code_block_and_it_passes(reply):
+    completion = extract_completion(reply, PROBLEM, "chat")
+    metrics, _ = score({"t/0": PROBLEM}, [{"task_id": "t/0", "completion": completion}], timeout=5)
+    assert metrics["pass@1"] == 1.0
+
+
+def test_chat_prompt_uses_the_chat_template(smollm_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    problem = next(iter(load_problems(limit=1).values()))
+    prompt = humaneval_prompt(problem, tok, "chat")
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+    assert problem["prompt"] in prompt
+    assert humaneval_prompt(problem, tok, "completion") == problem["prompt"]
+
+
+def test_report_rows_and_markdown():
+    metrics = {
+        "metrics/train.json": {"train_seconds": 10.0, "tokens_per_second": 100.0, "peak_memory_gib": 1.5},
+        "metrics/quantize/q4_k_m.json": {"size_mib": 100.57},
+        "eval/metrics/base.json": {"recipe": "quickstart", "variant": "base",
+                                   "lm_eval": {"results": {"ft_arc_easy": {"acc": 0.25, "acc_stderr": 0.1}}},
+                                   "humaneval": {"pass@1": 0.0}},
+        "eval/metrics/gguf-q4_k_m.json": {"recipe": "quickstart", "variant": "gguf-q4_k_m",
+                                          "lm_eval": {"results": {"ft_arc_easy": {"acc": 0.3}}},
+                                          "humaneval": {"pass@1": 0.1}},
+    }
+    rows = rows_from("exp-1", metrics)
+    assert [r["model"] for r in rows] == ["base", "gguf-q4_k_m"]
+    assert rows[1]["GGUF MiB"] == 100.57 and rows[0]["ft_arc_easy acc"] == 0.25
+    assert "ft_arc_easy acc_stderr" not in rows[0]
+    table = markdown(rows)
+    assert table.splitlines()[0].startswith("| experiment | recipe | model | ft_arc_easy acc | humaneval pass@1")
+    assert "| exp-1 | quickstart | gguf-q4_k_m | 0.3 | 0.1 | 10 | 100 | 1.5 | 100.6 |" in table
