@@ -57,3 +57,21 @@ def test_report_rows_and_markdown():
     table = markdown(rows)
     assert table.splitlines()[0].startswith("| experiment | recipe | model | ft_arc_easy acc | humaneval pass@1")
     assert "| exp-1 | quickstart | gguf-q4_k_m | 0.3 | 0.1 | 10 | 100 | 1.5 | 100.6 |" in table
+    assert "lm-eval backend" not in table  # no config in these entries
+
+
+def test_humaneval_sampling_for_pass_at_k(tiny_llama):
+    from finetune.evaluate import run_humaneval
+    from finetune.models import load_tokenizer
+    from finetune.recipe import EvalSpec, ModelSpec
+
+    spec = EvalSpec(humaneval_limit=2, humaneval_samples=3, humaneval_max_new_tokens=8, batch_size=6,
+                    humaneval_prompt="completion", humaneval_timeout=5)
+    model = ModelSpec(id=str(tiny_llama))
+    metrics, rows = run_humaneval({"name": "base", "kind": "hf", "spec": model}, spec, load_tokenizer(model))
+    assert metrics["samples_per_problem"] == 3 and metrics["decoding"].startswith("sampled")
+    assert metrics["n_samples"] == 6 and len(rows) == 6 and metrics["pass@1"] == 0.0
+    by_task = {}
+    for row in rows:
+        by_task.setdefault(row["task_id"], []).append(row["raw"])
+    assert all(len(set(texts)) > 1 for texts in by_task.values()), "samples of one problem differ"

@@ -50,45 +50,56 @@ def extract_completion(text: str, problem: dict, style: str) -> str:
 
 
 @torch.inference_mode()
-def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                temperature: float = 0.0) -> list[str]:
+    """Greedy (temperature 0) or sampled completions, batched with left padding."""
     tokenizer.padding_side = "left"
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             **sampling)
         out.extend(tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
     return out
 
 
-def generate_gguf(path: Path, prompts: list[str], max_new_tokens: int, threads: int) -> list[str]:
+def generate_gguf(path: Path, prompts: list[str], max_new_tokens: int, threads: int,
+                  temperature: float = 0.0, seed: int = 0) -> list[str]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, verbose=False, seed=0)
+    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, verbose=False, seed=seed)
     try:
-        return [llm.create_completion(p, max_tokens=max_new_tokens, temperature=0.0)["choices"][0]["text"]
-                for p in prompts]
+        return [llm.create_completion(p, max_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
+                                      seed=seed + i)["choices"][0]["text"] for i, p in enumerate(prompts)]
     finally:
         del llm
 
 
 def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any) -> tuple[dict, list[dict]]:
-    """Greedy pass@1 on the first ``humaneval_limit`` problems for one model variant."""
+    """pass@k on the first ``humaneval_limit`` problems for one model variant: greedy with one
+    sample per problem (pass@1), sampled at ``humaneval_temperature`` with more."""
     problems = humaneval.load_problems(limit=spec.humaneval_limit)
-    prompts = [humaneval_prompt(p, tokenizer, spec.humaneval_prompt) for p in problems.values()]
+    n = spec.humaneval_samples
+    temperature = spec.humaneval_temperature if n > 1 else 0.0
+    task_ids = [tid for tid in problems for _ in range(n)]
+    prompts = [humaneval_prompt(problems[tid], tokenizer, spec.humaneval_prompt) for tid in task_ids]
     start = time.perf_counter()
     if variant["kind"] == "gguf":
-        texts = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.threads)
+        texts = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.threads,
+                              temperature, spec.seed)
     else:
         model = load_model(variant["spec"], torch.float32).eval()
-        texts = generate_hf(model, tokenizer, prompts, spec.humaneval_max_new_tokens, spec.batch_size)
+        texts = generate_hf(model, tokenizer, prompts, spec.humaneval_max_new_tokens, spec.batch_size, temperature)
         del model
-    samples = [{"task_id": tid, "completion": extract_completion(t, p, spec.humaneval_prompt)}
-               for (tid, p), t in zip(problems.items(), texts)]
-    metrics, results = humaneval.evaluate(problems, samples, k=(1,), timeout=spec.humaneval_timeout)
-    metrics |= {"generation_seconds": round(time.perf_counter() - start, 2),
+    samples = [{"task_id": tid, "completion": extract_completion(t, problems[tid], spec.humaneval_prompt)}
+               for tid, t in zip(task_ids, texts)]
+    ks = tuple(k for k in (1, 10, 100) if k <= n)
+    metrics, results = humaneval.evaluate(problems, samples, k=ks, timeout=spec.humaneval_timeout)
+    metrics |= {"generation_seconds": round(time.perf_counter() - start, 2), "samples_per_problem": n,
                 "prompt_style": spec.humaneval_prompt, "max_new_tokens": spec.humaneval_max_new_tokens,
-                "decoding": "greedy", "backend": "llama.cpp" if variant["kind"] == "gguf" else "transformers"}
+                "decoding": "greedy" if temperature == 0 else f"sampled (temperature {temperature}, top_p 0.95)",
+                "seed": spec.seed, "backend": "llama.cpp" if variant["kind"] == "gguf" else "transformers"}
     rows = [s | {"raw": t} | {k: r[k] for k in ("passed", "result")} for s, t, r in zip(samples, texts, results)]
     return metrics, rows
 
@@ -136,6 +147,8 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
                     batch_size=spec.batch_size, limit=spec.task_limit, seed=spec.seed,
                     device="cuda" if torch.cuda.is_available() else "cpu",
                     allow_code_execution="ft_mbpp" in spec.tasks,
+                    # names outside eval/tasks are lm-eval's own (hub) tasks: online runs only
+                    include_defaults=any(not t.startswith("ft_") for t in spec.tasks),
                 )
                 write_jsonl(samples_tmp / f"{name}-lm_eval.jsonl", scored.pop("samples"))
                 entry["lm_eval"] = scored

@@ -54,7 +54,12 @@ def rows_from(label: str, metrics: dict[str, dict]) -> list[dict[str, Any]]:
                 if isinstance(value, (int, float)) and not metric.endswith("stderr"):
                     row[f"{task} {metric}"] = value
         if "humaneval" in entry:
-            row["humaneval pass@1"] = entry["humaneval"].get("pass@1")
+            for key, value in entry["humaneval"].items():
+                if key.startswith("pass@"):
+                    row[f"humaneval {key}"] = value
+        backend = (entry.get("lm_eval") or {}).get("config", {}).get("backend")
+        if backend:
+            row["lm-eval backend"] = backend
         row["train s"] = train.get("train_seconds")
         row["tokens/s"] = train.get("tokens_per_second")
         row["peak GiB"] = train.get("peak_memory_gib")
