@@ -53,6 +53,7 @@ def test_report_rows_and_markdown():
     rows = rows_from("exp-1", metrics)
     assert [r["model"] for r in rows] == ["base", "gguf-q4_k_m"]
     assert rows[1]["GGUF MiB"] == 100.57 and rows[0]["ft_arc_easy acc"] == 0.25
+    assert rows[0]["train s"] is None and rows[1]["train s"] == 10.0  # the base model was not trained
     assert "ft_arc_easy acc_stderr" not in rows[0]
     table = markdown(rows)
     assert table.splitlines()[0].startswith("| experiment | recipe | model | ft_arc_easy acc | humaneval pass@1")

@@ -25,7 +25,8 @@ def _runs(node: Any) -> Iterator[tuple[str, dict]]:
     elif isinstance(node, dict):
         data = node.get("data")
         if isinstance(data, dict) and "metrics" in data:
-            label = node.get("name") or data.get("name") or str(node.get("rev", "?"))[:7]
+            rev = str(node.get("rev", "?"))
+            label = node.get("name") or data.get("name") or (rev[:7] if len(rev) == 40 else rev)
             yield label, data
         for key in ("experiments", "revs"):
             if key in node:
@@ -60,9 +61,10 @@ def rows_from(label: str, metrics: dict[str, dict]) -> list[dict[str, Any]]:
         backend = (entry.get("lm_eval") or {}).get("config", {}).get("backend")
         if backend:
             row["lm-eval backend"] = backend
-        row["train s"] = train.get("train_seconds")
-        row["tokens/s"] = train.get("tokens_per_second")
-        row["peak GiB"] = train.get("peak_memory_gib")
+        tuned = variant != "base"  # training cost belongs to the fine-tuned model and its GGUFs
+        row["train s"] = train.get("train_seconds") if tuned else None
+        row["tokens/s"] = train.get("tokens_per_second") if tuned else None
+        row["peak GiB"] = train.get("peak_memory_gib") if tuned else None
         if variant.startswith("gguf-"):
             size = metrics.get(f"metrics/quantize/{variant[5:]}.json", {}).get("size_mib")
             row["GGUF MiB"] = size
