@@ -83,7 +83,7 @@ def _wrong_eos(path: Path) -> None:
     del reader
 
 
-@pytest.mark.parametrize(("mutate", "message"), [(_corrupt_weights, "differs from the merged model"),
+@pytest.mark.parametrize(("mutate", "message"), [(_corrupt_weights, "differs from the merged model.*logit gap"),
                                                  (_wrong_eos, "EOS id is 7")])
 def test_a_broken_gguf_fails_the_stage(tiny_llama_256, prepared, tmp_path, monkeypatch, mutate, message):
     from finetune import quantize as q
@@ -156,6 +156,6 @@ class _Cpp:
 def test_generation_must_stop_at_eos_where_the_hf_model_does():
     from finetune.quantize import check_generation
 
-    assert check_generation(_Cpp("stop"), _HF(), _Tok(), ["p"], 8, "x.gguf") == 1
+    assert check_generation(_Cpp("stop"), _HF(), _Tok(), ["p"], 8, "x.gguf")["stopped"] == 1
     with pytest.raises(FinetuneError, match="does not stop at EOS"):
         check_generation(_Cpp("length"), _HF(), _Tok(), ["p"], 8, "x.gguf")

@@ -110,6 +110,9 @@ class QuantizeSpec(_Section):
     verify_prompts: int = Field(8, ge=1, description="Held-out prompts for the greedy token-match check")
     verify_tokens: int = Field(32, ge=1, description="New tokens generated per prompt in the checks")
     ppl_rows: int = Field(64, ge=1, description="Held-out rows scored for perplexity")
+    tie_tolerance: float = Field(
+        0.01, ge=0, description="f16 greedy check: a parting where the HF logits of the two tokens are this close is a tie"
+    )
     threads: int = Field(2, ge=1)
 
 
