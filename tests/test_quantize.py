@@ -159,3 +159,40 @@ def test_generation_must_stop_at_eos_where_the_hf_model_does():
     assert check_generation(_Cpp("stop"), _HF(), _Tok(), ["p"], 8, "x.gguf")["stopped"] == 1
     with pytest.raises(FinetuneError, match="does not stop at EOS"):
         check_generation(_Cpp("length"), _HF(), _Tok(), ["p"], 8, "x.gguf")
+
+
+class _HFWithLogits(_HF):
+    """The HF stand-in also gives next-token logits: token 5 leads token 6 by ``gap``."""
+
+    def __init__(self, gap):
+        self.gap = gap
+
+    def __call__(self, ids):
+        import torch
+
+        logits = torch.zeros(1, ids.shape[1], 10)
+        logits[0, -1, 5], logits[0, -1, 6] = 1.0, 1.0 - self.gap
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+class _CppPicks6(_Cpp):
+    @property
+    def scores(self):
+        rows = np.zeros((self.n_tokens, 10))
+        rows[-1, 6] = 1.0
+        return rows
+
+
+def test_a_numerical_tie_ends_the_comparison_but_a_real_gap_fails():
+    from finetune.quantize import check_generation
+
+    counts = check_generation(_CppPicks6("stop"), _HFWithLogits(0.001), _Tok(), ["p"], 4, "x.gguf", 0.01)
+    assert counts == {"matched": 0, "ties": 1, "stopped": 0}
+    with pytest.raises(FinetuneError, match="logit gap 0.5"):
+        check_generation(_CppPicks6("stop"), _HFWithLogits(0.5), _Tok(), ["p"], 4, "x.gguf", 0.01)
