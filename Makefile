@@ -12,22 +12,29 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TORCH_WHEELS ?= /opt/wheels
 TORCH_INDEX ?=
 PIP_SOURCES := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+LOCK ?= requirements/cpu.lock
+PROJECT_INSTALL ?= -e .
 STAMP := $(VENV)/.installed
+ifdef FINETUNE_VENV  # inside the image: the venv is baked in, nothing to install
+VENV := $(FINETUNE_VENV)
+BIN := $(VENV)/bin
+STAMP :=
+endif
 # llama.cpp builds for AVX2-class x86-64, not -march=native: the same kernels on every machine
 # (reproducible GGUF checks), and no AMX code paths (they crash in sandboxes that do not enable AMX)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMA_CPP_VERSION := 0.3.36
 
-.PHONY: install repro data eval test test-fast lock validate clean help
+.PHONY: install repro data eval test test-fast lock validate clean help test-image
 help:
 	@sed -n '1,4p' Makefile
 
-$(STAMP): requirements/cpu.lock requirements/models.txt requirements/llama-cpp-src.txt pyproject.toml
+$(VENV)/.installed: $(LOCK) requirements/models.txt requirements/llama-cpp-src.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the lock (llama-cpp-python builds from source the first time: ~7 min on 2 cores)"
-	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r requirements/cpu.lock
+	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r $(LOCK)
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL)
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist && mkdir -p $(VENV)/llama.cpp
 	$(BIN)/pip download -q --no-deps --no-binary :all: --require-hashes -r requirements/llama-cpp-src.txt -d $(VENV)/sdist
 	tar xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
@@ -35,7 +42,7 @@ $(STAMP): requirements/cpu.lock requirements/models.txt requirements/llama-cpp-s
 	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
 	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py
 	rm -rf $(VENV)/sdist
-	touch $(STAMP)
+	touch $(VENV)/.installed
 
 install: $(STAMP)
 
@@ -58,9 +65,14 @@ test-fast: install
 validate: install
 	$(BIN)/python -m finetune validate quickstart llama2-guanaco codellama-evol-instruct llama2-python-code distilbert-imdb llama3-alpaca
 
-lock:  ## regenerate requirements/cpu.lock from pyproject.toml (needs uv: pip install uv)
+lock:  ## regenerate both hash locks from pyproject.toml (uv is in the test extra)
 	uv pip compile pyproject.toml --extra test --python-version 3.11 --generate-hashes \
 	  $(PIP_SOURCES) -o requirements/cpu.lock
+	uv pip compile pyproject.toml --extra gpu --extra test --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-find-links -o requirements/cuda.lock
+
+test-image: install  ## build the CPU image with podman (base from debootstrap) and run the quickstart in it
+	bash docker/test-image.sh
 
 clean:
 	rm -rf outputs metrics dvclive

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# `make test-image`: build the CPU image from docker/Dockerfile with podman and run the quickstart
+# (`dvc repro`) in it, offline (--network none), on a fresh clone of this repository's HEAD.
+# Needs root (podman as root with runc). No registry is reachable here, so the base image is a
+# Debian bookworm minbase made by debootstrap and `podman import`ed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CONTAINERS_CONF="$PWD/docker/containers.conf"
+BASE_IMAGE=${BASE_IMAGE:-localhost/debian-bookworm-minbase:latest}
+IMAGE=${IMAGE:-localhost/finetune-recipes:cpu}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+WORK=${TEST_IMAGE_DIR:-$(mktemp -d /var/tmp/finetune-test-image.XXXXXX)}
+SHARED_DATA=$(realpath -m ../shared/data)
+log() { printf '[test-image %s] %s\n' "$(date +%T)" "$*"; }
+
+if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null || ! command -v runc >/dev/null; then
+  log "installing podman buildah runc debootstrap (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap >/dev/null
+fi
+
+if ! podman image exists "$BASE_IMAGE"; then
+  log "base image: debootstrap --variant=minbase bookworm"
+  debootstrap --variant=minbase bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+    || { tail -20 "$WORK/debootstrap.log"; exit 1; }
+  tar -C "$WORK/rootfs" -c . | podman import - "$BASE_IMAGE" >/dev/null
+  rm -rf "$WORK/rootfs"
+fi
+
+# pip's cache (the llama-cpp-python wheel built by `make install`) and the CPU torch wheel folder
+# are mounted into the build; neither ends up in the image.
+PIP_CACHE=$(.venv/bin/pip cache dir 2>/dev/null || echo "$HOME/.cache/pip")
+mounts=(-v "$PIP_CACHE:/root/.cache/pip")
+build_args=(--build-arg "BASE=$BASE_IMAGE" --build-arg "BUILD_BASE=$BASE_IMAGE"
+            --build-arg LOCK=requirements/cpu.lock --build-arg "SOURCE_COMMIT=$(git rev-parse HEAD)")
+if [[ -d "${TORCH_WHEELS:-/opt/wheels}" ]]; then
+  mounts+=(-v "${TORCH_WHEELS:-/opt/wheels}:/wheels:ro")
+  build_args+=(--build-arg PIP_FIND_LINKS=/wheels)
+fi
+[[ -n "${TORCH_INDEX:-}" ]] && build_args+=(--build-arg "PIP_EXTRA_INDEX_URL=$TORCH_INDEX")
+
+log "podman build -> $IMAGE"
+podman build --network host "${mounts[@]}" "${build_args[@]}" -f docker/Dockerfile -t "$IMAGE" . \
+  >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+IMAGE_ID=$(podman image inspect --format '{{.Id}}' "$IMAGE")
+log "built $IMAGE (id sha256:$IMAGE_ID)"
+
+log "the quickstart in the image, offline, on a fresh clone of $(git rev-parse --short HEAD)"
+rm -rf "$WORK/workspace"
+git clone -q . "$WORK/workspace"
+chown -R 1000:1000 "$WORK/workspace"
+run_mounts=(-v "$WORK/workspace:/workspace")
+# the quickstart's ARC-Easy eval task reads ../shared/data (read-only, as beside a dev checkout)
+[[ -d "$SHARED_DATA" ]] && run_mounts+=(-v "$SHARED_DATA:/shared/data:ro")
+start=$(date +%s)
+podman run --rm --network none "${run_mounts[@]}" "$IMAGE" repro 2>&1 | tee "$WORK/repro.log" | grep -E "Running stage|Stage .* didn't change|ERROR|error:" || true
+status=${PIPESTATUS[0]}
+[[ $status -eq 0 ]] || { tail -40 "$WORK/repro.log"; log "quickstart failed in the image (exit $status)"; exit 1; }
+log "quickstart passed in $(( $(date +%s) - start )) s"
+for f in metrics/heldout.json metrics/train.json eval/metrics/finetuned.json models/quickstart-q4_k_m.gguf; do
+  [[ -s "$WORK/workspace/$f" ]] || { log "missing output: $f"; exit 1; }
+done
+python3 - "$WORK/workspace" <<'PY'
+import json, sys
+ws = sys.argv[1]
+block = json.load(open(f"{ws}/eval/metrics/finetuned.json"))["provenance"]
+assert block["image"] and "sha256:" in block["image"], block
+print("heldout:", json.load(open(f"{ws}/metrics/heldout.json")))
+print("provenance:", block["image"], "|", block["hardware"])
+PY
+log "ok: $IMAGE sha256:$IMAGE_ID"
