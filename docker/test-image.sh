@@ -37,6 +37,11 @@ if [[ -d "${TORCH_WHEELS:-/opt/wheels}" ]]; then
   build_args+=(--build-arg PIP_FIND_LINKS=/wheels)
 fi
 [[ -n "${TORCH_INDEX:-}" ]] && build_args+=(--build-arg "PIP_EXTRA_INDEX_URL=$TORCH_INDEX")
+# the host's CA bundle, for machines whose route to PyPI re-signs TLS (as pip here is told by PIP_CERT)
+if [[ -n "${PIP_CERT:-}" && -f "$PIP_CERT" ]]; then
+  mounts+=(-v "$PIP_CERT:/etc/ssl/host-ca.crt:ro")
+  build_args+=(--build-arg PIP_CERT=/etc/ssl/host-ca.crt)
+fi
 
 log "podman build -> $IMAGE"
 podman build --network host "${mounts[@]}" "${build_args[@]}" -f docker/Dockerfile -t "$IMAGE" . \
