@@ -68,6 +68,7 @@ validate: install
 lock:  ## regenerate both hash locks from pyproject.toml (uv is in the test extra)
 	uv pip compile pyproject.toml --extra test --python-version 3.11 --generate-hashes \
 	  $(PIP_SOURCES) -o requirements/cpu.lock
+	cp requirements/cpu.lock requirements/cuda.lock  # CPU pins as uv's preferences: same versions but torch's build
 	uv pip compile pyproject.toml --extra gpu --extra test --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-find-links -o requirements/cuda.lock
 
