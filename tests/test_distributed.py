@@ -105,12 +105,14 @@ def test_launch_command_uses_the_shipped_config(tiny_llama, tmp_path, monkeypatc
         assert config["mixed_precision"] == "no", "train.precision decides the precision"
 
 
-def test_missing_config_file_is_one_line_error(tiny_llama, tmp_path):
+def test_missing_config_file_is_one_line_error(tiny_llama, tmp_path, capsys):
     from finetune.cli import main
 
     params = write_params(tmp_path / "p.yaml", tiny_llama, 4, mode="ddp", num_processes=2,
                           config_file=str(tmp_path / "nope.yaml"))
     assert main(["--params", str(params), "train", "--metrics", str(tmp_path / "m.json")]) == 2
+    assert capsys.readouterr().err == f"error: distributed.config_file: {tmp_path / 'nope.yaml'} not found; " \
+        "point it at an accelerate config file\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -124,3 +126,33 @@ def test_fsdp_on_cpu_is_refused_in_one_line(tiny_llama, tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "distributed.mode fsdp needs CUDA GPUs" in err
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_lora_gathers_to_an_adapter_merge_loads(tiny_llama, tmp_path):
+    """torch FSDP2 runs on CPU/gloo even though accelerate will not apply FSDP there: shard a LoRA
+    model over 2 processes, take a step, gather FULL_STATE_DICT the way accelerate does for FSDP2,
+    and check the result is the ordinary adapter of the unsharded step, which the merge stage loads."""
+    import subprocess
+    import sys
+
+    from finetune.distributed import free_port
+    from finetune.merge import merge
+
+    worker = str(ROOT / "tests" / "fsdp2_gloo_worker.py")
+    sharded, ref = tmp_path / "sharded", tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), worker, str(tiny_llama), str(sharded)],
+                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, worker, str(tiny_llama), str(ref)], check=True, capture_output=True, timeout=300)
+    w_sharded, w_ref = adapter_weights(sharded), adapter_weights(ref)
+    assert w_sharded.keys() == w_ref.keys() and len(w_ref) == 28  # 2 layers x 7 linears x (A, B)
+    for key in w_ref:
+        torch.testing.assert_close(w_sharded[key], w_ref[key], rtol=1e-4, atol=1e-5, msg=key)
+    recipe = Recipe.model_validate(yaml.safe_load(write_params(tmp_path / "p.yaml", tiny_llama, 4).read_text()))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)  # as save_adapter writes it
+    merge(recipe, sharded, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
