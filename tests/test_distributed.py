@@ -18,13 +18,14 @@ ROWS = [{"prompt": f"<|im_start|>user\nWhat is {i} + {i % 7}?<|im_end|>\n<|im_st
          "completion": str(i + i % 7)} for i in range(40)]
 
 
-def write_params(path: Path, model_dir: Path, batch_size: int, **distributed) -> Path:
+def write_params(path: Path, model_dir: Path, batch_size: int, quant: dict | None = None, **distributed) -> Path:
     raw = recipe_dict(
         "quickstart",
         model={"id": str(model_dir), "gguf_file": None},
         train={"max_steps": 4, "batch_size": batch_size, "logging_steps": 1, "threads": 1,
                "learning_rate": 5e-3, "warmup_ratio": 0.0, "lr_scheduler": "linear"},
         lora={"r": 4, "alpha": 8},
+        quant=quant or {},
         distributed=distributed,
     )
     path.write_text(yaml.safe_dump(Recipe.model_validate(raw).model_dump(mode="json")), encoding="utf-8")
@@ -83,6 +84,26 @@ def test_two_gloo_processes_match_one_with_double_batch(tiny_llama, tmp_path, mo
     recipe = Recipe.model_validate(yaml.safe_load(ddp_params.read_text()))
     merge(recipe, tmp_path / "two" / "adapter", tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_qlora_match_one(tiny_llama, tmp_path, monkeypatch):
+    """The same with a 4-bit base (bitsandbytes on CPU): DDP + QLoRA, and merge loads its adapter."""
+    from finetune.merge import merge
+
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "prepared"
+    write_jsonl(data / "train.jsonl", ROWS[:32])
+    quant = {"mode": "4bit", "compute_dtype": "float32"}
+    run_train(write_params(tmp_path / "one.yaml", tiny_llama, 8, quant), data, tmp_path / "one")
+    params = write_params(tmp_path / "two.yaml", tiny_llama, 4, quant, mode="ddp", num_processes=2)
+    assert run_train(params, data, tmp_path / "two")["num_processes"] == 2
+    one, two = loss_curve(tmp_path / "one" / "live"), loss_curve(tmp_path / "two" / "live")
+    assert len(one) == len(two) == 4
+    for (step, a), (_, b) in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-4), f"step {step}: 1 process {a}, 2 processes {b}"
+    merge(Recipe.model_validate(yaml.safe_load(params.read_text())), tmp_path / "two" / "adapter", tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
 def test_launch_command_uses_the_shipped_config(tiny_llama, tmp_path, monkeypatch):
@@ -156,3 +177,11 @@ def test_fsdp2_sharded_lora_gathers_to_an_adapter_merge_loads(tiny_llama, tmp_pa
     merge(recipe, sharded, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_quant_storage_reaches_bitsandbytes():
+    from finetune.models import quantization_config
+    from finetune.recipe import QuantSpec
+
+    assert quantization_config(QuantSpec(mode="4bit")).bnb_4bit_quant_storage == torch.uint8
+    assert quantization_config(QuantSpec(mode="4bit", quant_storage="bfloat16")).bnb_4bit_quant_storage == torch.bfloat16

@@ -68,8 +68,6 @@ def check_devices(recipe: Recipe) -> None:
                 "distributed.mode fsdp needs CUDA GPUs: accelerate applies FSDP only on GPU backends and would "
                 "silently run plain DDP on CPU; use distributed.mode ddp here"
             )
-        if recipe.quant.mode == "4bit":
-            raise FinetuneError("quant.mode 4bit with distributed training needs CUDA GPUs; set quant.mode: none")
     elif torch.cuda.device_count() < spec.num_processes:
         raise FinetuneError(
             f"distributed.num_processes {spec.num_processes}: only {torch.cuda.device_count()} GPU(s) visible; "
@@ -110,7 +108,7 @@ def load_overrides(recipe: Recipe) -> dict[str, Any]:
     FSDP-QLoRA guide does): no device_map (FSDP places the shards) and the load dtype equals
     ``bnb_4bit_quant_storage`` so FSDP can flatten quantized and float weights together.
     """
-    if recipe.quant.mode != "4bit" or not is_launched():
+    if recipe.quant.mode != "4bit" or not is_launched() or not torch.cuda.is_available():
         return {}
     if recipe.distributed.mode == "fsdp":
         return {"device_map": None, "dtype": getattr(torch, recipe.quant.quant_storage)}
