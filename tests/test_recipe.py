@@ -10,6 +10,7 @@ from conftest import ROOT, recipe_dict
 
 from finetune.errors import FinetuneError
 from finetune.recipe import (
+    DistributedSpec,
     EvalSpec,
     LoraSpec,
     MergeSpec,
@@ -212,14 +213,14 @@ CONFIG = yaml.safe_load((ROOT / "recipes" / "config.yaml").read_text(encoding="u
 @pytest.mark.parametrize(
     ("section", "model"),
     [("lora", LoraSpec), ("quant", QuantSpec), ("train", TrainSpec), ("merge", MergeSpec),
-     ("quantize", QuantizeSpec), ("eval", EvalSpec)],
+     ("quantize", QuantizeSpec), ("eval", EvalSpec), ("distributed", DistributedSpec)],
 )
 def test_config_defaults_equal_schema_defaults(section, model):
     assert CONFIG[section] == model().model_dump()
 
 
 def test_config_has_no_other_sections():
-    assert set(CONFIG) == {"defaults", "lora", "quant", "train", "merge", "quantize", "eval"}
+    assert set(CONFIG) == {"defaults", "lora", "quant", "train", "distributed", "merge", "quantize", "eval"}
     assert {"recipe": "quickstart"} in CONFIG["defaults"]
 
 
@@ -232,3 +233,21 @@ def test_params_yaml_is_the_composed_quickstart(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     assert params == composed, "params.yaml is stale: run `python -m finetune use quickstart`"
     assert load_recipe(ROOT / "params.yaml").name == "quickstart"
+
+
+@pytest.mark.parametrize(
+    ("distributed", "needle"),
+    [({"num_processes": 2}, "needs distributed.mode ddp or fsdp"),
+     ({"mode": "ddp"}, "distributed.mode ddp needs distributed.num_processes >= 2"),
+     ({"mode": "mpi", "num_processes": 2}, "'distributed.mode' = 'mpi'")],
+)
+def test_distributed_mode_and_processes_agree(distributed, needle):
+    assert needle in _error(recipe_dict("quickstart", distributed=distributed))
+
+
+def test_fsdp_qlora_needs_float_quant_storage():
+    raw = recipe_dict("quickstart", distributed={"mode": "fsdp", "num_processes": 2}, quant={"mode": "4bit"},
+                      model={"gguf_file": None, "id": "some/model"})
+    assert "quant.quant_storage bfloat16" in _error(raw)
+    raw["quant"]["quant_storage"] = "bfloat16"
+    assert parse_recipe(raw, "r.yaml").quant.quant_storage == "bfloat16"

@@ -55,9 +55,15 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
+    from finetune import distributed
+
+    recipe = _recipe(args)
+    if distributed.needs_launch(recipe.distributed):  # re-run this command in N processes
+        distributed.launch(recipe, args.argv)
+        return json.loads(Path(args.metrics).read_text(encoding="utf-8"))
     from finetune.train import train
 
-    return train(_recipe(args), args.data, args.out, args.metrics, live_dir=args.live_dir or None,
+    return train(recipe, args.data, args.out, args.metrics, live_dir=args.live_dir or None,
                  timing_path=args.timing)
 
 
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -109,7 +109,7 @@ def quantization_config(quant: QuantSpec):
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=getattr(torch, quant.quant_storage),
     )
 
 

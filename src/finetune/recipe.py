@@ -71,6 +71,9 @@ class QuantSpec(_Section):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = False
     compute_dtype: DType = "bfloat16"
+    quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = Field(
+        "uint8", description="bnb_4bit_quant_storage: FSDP shards only float tensors, so FSDP+QLoRA needs a float type"
+    )
 
 
 class TrainSpec(_Section):
@@ -94,6 +97,25 @@ class TrainSpec(_Section):
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Eval-loss interval; None: at the end only")
     threads: int | None = Field(None, ge=1, description="CPU threads (torch.set_num_threads)")
+
+
+class DistributedSpec(_Section):
+    """Multi-process training through `accelerate launch` (train.batch_size is per process)."""
+
+    mode: Literal["none", "ddp", "fsdp"] = Field("none", description="none: one process; ddp or fsdp: accelerate")
+    num_processes: int = Field(1, ge=1, description="Processes (one per GPU); >1 needs mode ddp or fsdp")
+    config_file: str | None = Field(
+        None, description="accelerate config; None: recipes/accelerate/<mode>.yaml (fsdp_qlora.yaml for 4-bit)"
+    )
+    main_process_port: int | None = Field(None, ge=1, le=65535, description="None: a free port")
+
+    @model_validator(mode="after")
+    def _processes_match_mode(self) -> DistributedSpec:
+        if self.mode == "none" and self.num_processes > 1:
+            raise ValueError("distributed.num_processes > 1 needs distributed.mode ddp or fsdp")
+        if self.mode != "none" and self.num_processes < 2:
+            raise ValueError(f"distributed.mode {self.mode} needs distributed.num_processes >= 2 (or mode: none)")
+        return self
 
 
 class MergeSpec(_Section):
@@ -147,6 +169,7 @@ class Recipe(_Section):
     lora: LoraSpec = LoraSpec()
     quant: QuantSpec = QuantSpec()
     train: TrainSpec = TrainSpec()
+    distributed: DistributedSpec = DistributedSpec()
     merge: MergeSpec = MergeSpec()
     quantize: QuantizeSpec = QuantizeSpec()
     eval: EvalSpec = EvalSpec()
@@ -157,6 +180,9 @@ class Recipe(_Section):
             raise ValueError("model.task sequence_classification needs data.format text_label")
         if self.model.task == "causal_lm" and self.data.format == "text_label":
             raise ValueError("data.format text_label needs model.task sequence_classification")
+        if self.distributed.mode == "fsdp" and self.quant.mode == "4bit" and self.quant.quant_storage == "uint8":
+            raise ValueError("distributed.mode fsdp with quant.mode 4bit needs quant.quant_storage bfloat16 "
+                             "(FSDP shards only floating-point tensors)")
         return self
 
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from finetune import distributed
 from finetune.errors import FinetuneError
 from finetune.models import load_model, load_tokenizer
-from finetune.outputs import atomic_dir, read_jsonl, write_json
+from finetune.outputs import read_jsonl, write_json
 from finetune.provenance import provenance
 from finetune.recipe import Recipe, TrainSpec
 
@@ -208,13 +209,15 @@ def train(
     prec = precision(spec)
     data = _load_splits(Path(data_dir))
     tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, _model_dtype(prec), recipe.quant)
+    model = load_model(recipe.model, _model_dtype(prec), recipe.quant, **distributed.load_overrides(recipe))
+    main = distributed.is_main_process()  # only rank 0 writes adapter, metrics and DVCLive
     classify = recipe.model.task == "sequence_classification"
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as scratch:
         kwargs = training_kwargs(spec, prec, scratch)
         build = _classification_trainer if classify else _sft_trainer
         trainer = build(recipe, model, tokenizer, {k: v for k, v in data.items() if k != "test"},
-                        kwargs, _dvclive_callback(live_dir))
+                        kwargs, _dvclive_callback(live_dir) if main else [])
+        distributed.check_backend(recipe, trainer)
         trainable, total = trainer.model.get_nb_trainable_parameters()
         start = time.perf_counter()
         result = trainer.train()
@@ -238,6 +241,7 @@ def train(
             "total_params": int(total),
             "precision": prec,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "num_processes": trainer.args.world_size,
         }
         if eval_loss is not None:
             metrics["eval_loss"] = round(eval_loss, 6)
@@ -249,16 +253,16 @@ def train(
         for config in getattr(trainer.model, "peft_config", {}).values():  # a set: saved in hash order otherwise
             if isinstance(config.target_modules, (set, frozenset)):
                 config.target_modules = sorted(config.target_modules)
-        with atomic_dir(adapter_dir) as tmp:
-            trainer.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        distributed.save_adapter(trainer, tokenizer, adapter_dir)
+        peak = distributed.max_over_processes(trainer, _peak_memory_gib())
     timing = {
         "train_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
-        "peak_memory_gib": round(_peak_memory_gib(), 3),
+        "peak_memory_gib": round(peak, 3),
         "provenance": provenance(),
     }
-    if timing_path is not None:
-        write_json(timing_path, timing)
-    write_json(metrics_path, metrics)
+    if main:
+        if timing_path is not None:
+            write_json(timing_path, timing)
+        write_json(metrics_path, metrics)
     return metrics | timing

@@ -1,0 +1,159 @@
+"""Multi-process training through Hugging Face accelerate (DDP, FSDP, FSDP+QLoRA).
+
+The train stage's command stays ``python -m finetune train ...``: when the recipe's ``distributed``
+section asks for more than one process, that command re-runs itself under
+``accelerate launch --config_file recipes/accelerate/<mode>.yaml --num_processes N -m finetune ...``
+and each launched process runs the ordinary train stage. Only rank 0 writes the adapter, metrics and
+DVCLive; under FSDP the adapter is gathered with ``FULL_STATE_DICT`` so it is a normal PEFT adapter
+that the merge stage loads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.outputs import atomic_dir
+from finetune.recipe import DistributedSpec, Recipe
+
+CONFIG_DIR = Path("recipes/accelerate")
+
+
+def is_launched() -> bool:
+    """True inside a process started by ``accelerate launch`` / torchrun (they set WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def needs_launch(spec: DistributedSpec) -> bool:
+    return spec.num_processes > 1 and not is_launched()
+
+
+def config_file(recipe: Recipe, root: Path = Path(".")) -> Path:
+    """The accelerate config for the recipe: ``distributed.config_file`` or the shipped one for its mode."""
+    spec = recipe.distributed
+    if spec.config_file:
+        path = Path(spec.config_file)
+    else:
+        name = "fsdp_qlora" if spec.mode == "fsdp" and recipe.quant.mode == "4bit" else spec.mode
+        path = root / CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FinetuneError(f"distributed.config_file: {path} not found; point it at an accelerate config file")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_devices(recipe: Recipe) -> None:
+    """Refuse what cannot work before starting N processes."""
+    spec = recipe.distributed
+    if not torch.cuda.is_available():
+        if spec.mode == "fsdp":
+            raise FinetuneError(
+                "distributed.mode fsdp needs CUDA GPUs: accelerate applies FSDP only on GPU backends and would "
+                "silently run plain DDP on CPU; use distributed.mode ddp here"
+            )
+    elif torch.cuda.device_count() < spec.num_processes:
+        raise FinetuneError(
+            f"distributed.num_processes {spec.num_processes}: only {torch.cuda.device_count()} GPU(s) visible; "
+            "lower it or set CUDA_VISIBLE_DEVICES"
+        )
+
+
+def launch_command(recipe: Recipe, argv: list[str]) -> list[str]:
+    """``accelerate launch`` running ``python -m finetune <argv>`` in every process."""
+    spec = recipe.distributed
+    port = spec.main_process_port or free_port()
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(config_file(recipe)),
+        "--num_processes", str(spec.num_processes),
+        "--num_machines", "1",
+        "--main_process_port", str(port),
+        "-m", "finetune", *argv,
+    ]
+
+
+def launch(recipe: Recipe, argv: list[str]) -> None:
+    """Run the same finetune command in ``num_processes`` processes; raise a one-line error if it fails."""
+    check_devices(recipe)
+    cmd = launch_command(recipe, argv)
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        raise FinetuneError(
+            f"train: accelerate launch with {recipe.distributed.num_processes} processes failed (exit {code}); "
+            "the processes' own errors are printed above"
+        )
+
+
+def load_overrides(recipe: Recipe) -> dict[str, Any]:
+    """``load_model`` keywords for the launched process.
+
+    QLoRA under DDP: each process puts the 4-bit model on its own GPU. Under FSDP (as the TRL/PEFT
+    FSDP-QLoRA guide does): no device_map (FSDP places the shards) and the load dtype equals
+    ``bnb_4bit_quant_storage`` so FSDP can flatten quantized and float weights together.
+    """
+    if recipe.quant.mode != "4bit" or not is_launched() or not torch.cuda.is_available():
+        return {}
+    if recipe.distributed.mode == "fsdp":
+        return {"device_map": None, "dtype": getattr(torch, recipe.quant.quant_storage)}
+    return {"device_map": {"": int(os.environ["LOCAL_RANK"])}}
+
+
+def check_backend(recipe: Recipe, trainer) -> None:
+    """The accelerate config in use must match ``distributed.mode`` (a custom config_file can differ)."""
+    mode = recipe.distributed.mode
+    if mode == "none" or not is_launched():
+        return
+    if (mode == "fsdp") != bool(trainer.is_fsdp_enabled):
+        got = "FSDP" if trainer.is_fsdp_enabled else str(trainer.accelerator.distributed_type)
+        raise FinetuneError(f"distributed.mode is {mode} but the accelerate config runs {got}; "
+                            "fix distributed.mode or distributed.config_file")
+
+
+def max_over_processes(trainer, value: float) -> float:
+    """The largest ``value`` over all processes (every process must call this)."""
+    if trainer.args.world_size == 1:
+        return value
+    gathered = trainer.accelerator.gather(torch.tensor([value], dtype=torch.float64, device=trainer.args.device))
+    return float(gathered.max())
+
+
+def save_adapter(trainer, tokenizer, out_dir: str | Path) -> None:
+    """Write a normal PEFT adapter + tokenizer to ``out_dir`` atomically, from rank 0 only.
+
+    Under FSDP every process must call this: the LoRA weights are sharded, so they are gathered to
+    rank 0 with ``FULL_STATE_DICT`` (the PEFT FSDP guide's recipe); checkpoints written during
+    training stay in the configured (sharded) format.
+    """
+    fsdp = bool(trainer.is_fsdp_enabled)
+    if fsdp:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if not trainer.args.should_save:
+        if fsdp:
+            trainer.save_model(str(out_dir))  # joins the gather; writes nothing on this rank
+        trainer.accelerator.wait_for_everyone()
+        return
+    with atomic_dir(out_dir) as tmp:
+        if fsdp:
+            trainer.save_model(str(tmp))
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+        else:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    trainer.accelerator.wait_for_everyone()
