@@ -29,14 +29,15 @@ LLAMA_CPP_VERSION := 0.3.36
 help:
 	@sed -n '1,4p' Makefile
 
-$(VENV)/.installed: $(LOCK) requirements/models.txt requirements/llama-cpp-src.txt pyproject.toml
+$(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt requirements/llama-cpp-src.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements/pip.txt
 	@echo "installing the lock (llama-cpp-python builds from source the first time: ~7 min on 2 cores)"
 	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r $(LOCK)
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL)
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist && mkdir -p $(VENV)/llama.cpp
-	$(BIN)/pip download -q --no-deps --no-binary :all: --require-hashes -r requirements/llama-cpp-src.txt -d $(VENV)/sdist
+	$(BIN)/pip download -q --no-deps --no-binary llama-cpp-python --require-hashes -r requirements/llama-cpp-src.txt -d $(VENV)/sdist
 	tar xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
 	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
 	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \

@@ -96,8 +96,9 @@ def test_side_files_match_the_lock():
     cpu, _ = read_lock(ROOT / "requirements/cpu.lock")
     sdist, hashes = read_lock(ROOT / "requirements/llama-cpp-src.txt")
     assert sdist["llama-cpp-python"] == cpu["llama-cpp-python"] and hashes["llama-cpp-python"] == 1
-    models, hashes = read_lock(ROOT / "requirements/models.txt")
-    assert models and all(n == 1 for n in hashes.values())
+    for side in ("models.txt", "pip.txt"):
+        pins, hashes = read_lock(ROOT / "requirements" / side)
+        assert pins and all(n == 1 for n in hashes.values()), side
 
 
 def hadolint() -> str:
