@@ -87,7 +87,10 @@ class TrainSpec(_Section):
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=8)
-    packing: bool = False
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Pack whole rows into max_length bins, padding-free, position ids restarting per row "
+        "(attention never crosses rows); auto: on with CUDA unless group_by_length"
+    )
     group_by_length: bool = False
     optimizer: str = "adamw_torch"
     weight_decay: float = Field(0.0, ge=0)
@@ -97,6 +100,19 @@ class TrainSpec(_Section):
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Eval-loss interval; None: at the end only")
     threads: int | None = Field(None, ge=1, description="CPU threads (torch.set_num_threads)")
+    liger: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger kernels (RMSNorm, SwiGLU, RoPE); auto: on with CUDA when liger-kernel imports"
+    )
+    attention: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        "auto", description="Attention kernel (attn_implementation); auto: the model's default (sdpa)"
+    )
+
+    @model_validator(mode="after")
+    def _levers(self) -> TrainSpec:
+        if self.packing is True and self.group_by_length:
+            raise ValueError("train.packing and train.group_by_length are both true: packing already bins rows "
+                             "by length; set group_by_length: false")
+        return self
 
 
 class DistributedSpec(_Section):

@@ -8,6 +8,7 @@ Reads the ``model``, ``lora``, ``quant`` and ``train`` sections.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import resource
 import tempfile
@@ -32,6 +33,36 @@ def precision(spec: TrainSpec) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def packing_enabled(spec: TrainSpec, classify: bool = False) -> bool:
+    """Resolve ``train.packing``: ``auto`` packs causal-LM rows on CUDA unless group_by_length is asked."""
+    if classify:
+        return False
+    if spec.packing == "auto":
+        return torch.cuda.is_available() and not spec.group_by_length
+    return spec.packing
+
+
+def liger_enabled(spec: TrainSpec) -> bool:
+    """Resolve ``train.liger``: ``auto`` is on when CUDA is there and liger-kernel imports."""
+    if spec.liger == "off":
+        return False
+    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    if spec.liger == "on" and not available:
+        raise FinetuneError("train.liger: on needs CUDA and the liger-kernel package (the `gpu` extra); "
+                            "set train.liger: auto or off")
+    return available
+
+
+def attention_kwargs(spec: TrainSpec) -> dict[str, str]:
+    """``attn_implementation`` for the model load; ``auto`` keeps the model's default (sdpa).
+
+    Packed rows stay separate under sdpa and eager: with no attention mask, transformers builds a
+    per-document mask from the restarting position ids. flex_attention skips the blocks between
+    documents but compiles first (bench/README.md has the measurements).
+    """
+    return {} if spec.attention == "auto" else {"attn_implementation": spec.attention}
 
 
 def _model_dtype(prec: str) -> torch.dtype:
@@ -119,7 +150,8 @@ def _sft_trainer(recipe: Recipe, model, tokenizer, data: dict, kwargs: dict, cal
     config = SFTConfig(
         **kwargs,
         max_length=spec.max_length,
-        packing=spec.packing,
+        packing=packing_enabled(spec),
+        use_liger_kernel=liger_enabled(spec),
         completion_only_loss=True,
         dataset_num_proc=None,
     )
@@ -195,9 +227,11 @@ def train(
     metrics_path: str | Path,
     live_dir: str | None = "dvclive",
     timing_path: str | Path | None = None,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Run the stage; return the metrics written. Quality metrics (deterministic on CPU) go to
-    ``metrics_path``, wall-clock ones (seconds, tokens/s, peak memory) to ``timing_path``."""
+    ``metrics_path``, wall-clock ones (seconds, tokens/s, peak memory) to ``timing_path``.
+    ``callbacks``: extra Trainer callbacks (benchmarks)."""
     from transformers import set_seed
 
     spec = recipe.train
@@ -209,14 +243,15 @@ def train(
     prec = precision(spec)
     data = _load_splits(Path(data_dir))
     tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, _model_dtype(prec), recipe.quant, **distributed.load_overrides(recipe))
     main = distributed.is_main_process()  # only rank 0 writes adapter, metrics and DVCLive
     classify = recipe.model.task == "sequence_classification"
+    model = load_model(recipe.model, _model_dtype(prec), recipe.quant, **attention_kwargs(spec),
+                       **distributed.load_overrides(recipe))
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as scratch:
         kwargs = training_kwargs(spec, prec, scratch)
         build = _classification_trainer if classify else _sft_trainer
         trainer = build(recipe, model, tokenizer, {k: v for k, v in data.items() if k != "test"},
-                        kwargs, _dvclive_callback(live_dir) if main else [])
+                        kwargs, (_dvclive_callback(live_dir) if main else []) + list(callbacks or []))
         distributed.check_backend(recipe, trainer)
         trainable, total = trainer.model.get_nb_trainable_parameters()
         start = time.perf_counter()
@@ -240,6 +275,8 @@ def train(
             "trainable_params": int(trainable),
             "total_params": int(total),
             "precision": prec,
+            "packing": packing_enabled(spec, classify),
+            "liger": liger_enabled(spec) if not classify else False,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "num_processes": trainer.args.world_size,
         }

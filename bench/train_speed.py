@@ -1,0 +1,346 @@
+"""Train stage speed on the GPU: our levers vs the tutorials' stack, Llama-2-7B / Llama-3-8B shapes.
+
+Runs ``finetune.train.train`` -- the DVC stage itself -- on random-weight models built from the
+configs below (no weights, no internet on the GPU host), on the recipes' real data prepared by
+``finetune.prepare.prepare`` with the real Llama-2 / Llama-3 tokenizers (rebuilt offline from
+llama.cpp's vocab GGUFs). A Trainer callback times every optimizer step (CUDA-synchronized) and
+counts its non-pad input tokens.
+
+    # here (CPU): prepare data + tokenizers into a folder that travels to the GPU host
+    python bench/train_speed.py prepare --vocab-dir DIR_WITH_ggml-vocab-llama-*.gguf --out .dev7/data
+    # GPU host
+    python bench/train_speed.py run --data .dev7/data --out train_speed.jsonl [--cases a,b] [--layers 32]
+
+Per case one JSON line: useful tok/s (non-pad tokens / time, steps after the warm-up), median step
+time, peak GPU memory (allocated, and reserved by the caching allocator), MFU against the bf16
+matmul rate measured first, and every step's loss.
+
+FLOPs per useful token (model FLOPs; recomputation by checkpointing is not counted):
+  4 * N_frozen + 6 * N_lora + 3 * A,   A = 4 * n_layers * d_model * mean_ctx
+N_frozen: parameters of every linear layer incl. lm_head (embedding lookups are free); forward
+2 FLOPs/param, backward 2 more (input gradients only: the base is frozen); LoRA matrices 6
+(weight gradients too). A: causal attention forward per token (QK^T and PV) over the tokens the
+token really attends to (its own document: mean_ctx = sum s(s+1)/2 / sum s over documents s),
+backward twice the forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+SHAPES = {  # the published configs' shapes
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001),
+}
+TOKENIZER = {"llama2-7b": "spm", "llama3-8b": "bpe"}
+DATASETS = {  # name: (recipe, raw file under ../shared/data, tokenizer)
+    "alpaca": ("llama3-alpaca", "alpaca/alpaca_data_1k.json", "bpe"),
+    "guanaco": ("llama2-guanaco", "guanaco-llama2-1k/train-00000-of-00001.parquet", "spm"),
+    "evol": ("codellama-evol-instruct", "evol-instruct-code/evol-codealpaca-2k-1.json", "spm"),
+}
+# The tutorials' stack: QLoRA nf4 + gradient checkpointing, batch 4, group_by_length, pad to longest.
+TUTORIAL = dict(packing=False, group_by_length=True, gradient_checkpointing=True, batch_size=4, grad_accum=1,
+                liger="off", optimizer="paged_adamw_32bit")
+LEVERS = ("packing", "group_by_length", "gradient_checkpointing", "batch_size", "grad_accum", "liger",
+          "optimizer", "attention", "max_steps", "epochs", "warmup_steps", "warmup_ratio", "logging_steps")
+QLORA = {"mode": "4bit", "quant_type": "nf4", "double_quant": False, "compute_dtype": "bfloat16"}
+NO_QUANT = {"mode": "none"}
+# name: (shape, dataset, quant, train overrides on top of the schema defaults, steps)
+CASES = {
+    "l3-alpaca-tutorial": ("llama3-8b", "alpaca", QLORA, TUTORIAL, 12),
+    "l3-alpaca-qlora": ("llama3-8b", "alpaca", QLORA, {}, 10),
+    "l3-alpaca-qlora-ckpt": ("llama3-8b", "alpaca", QLORA, {"gradient_checkpointing": True}, 10),
+    "l3-alpaca-qlora-ckpt-b8": ("llama3-8b", "alpaca", QLORA, {"gradient_checkpointing": True, "batch_size": 8}, 10),
+    "l3-alpaca-qlora-lowmem": ("llama3-8b", "alpaca", QLORA, {"gradient_checkpointing": True, "batch_size": 2}, 10),
+    "l3-alpaca-bf16": ("llama3-8b", "alpaca", NO_QUANT, {}, 10),
+    "l3-alpaca-bf16-flex": ("llama3-8b", "alpaca", NO_QUANT, {"attention": "flex_attention"}, 10),
+    "l3-alpaca-tutorial-b16": ("llama3-8b", "alpaca", QLORA, TUTORIAL | {"batch_size": 16}, 10),
+    "l2-guanaco-tutorial": ("llama2-7b", "guanaco", QLORA, TUTORIAL, 10),
+    "l2-guanaco-qlora": ("llama2-7b", "guanaco", QLORA, {"batch_size": 8}, 10),
+    "l2-guanaco-qlora-ckpt": ("llama2-7b", "guanaco", QLORA, {"batch_size": 16, "gradient_checkpointing": True}, 10),
+    "l2-guanaco-bf16": ("llama2-7b", "guanaco", NO_QUANT, {"batch_size": 8}, 10),
+    "l2-evol-tutorial": ("llama2-7b", "evol", QLORA, TUTORIAL, 10),
+    "l2-evol-qlora": ("llama2-7b", "evol", QLORA, {}, 10),
+    # loss curves on identical batches (random order, batch 4, seed 3407): tutorial levers vs ours
+    "curve-tutorial": ("llama3-8b", "alpaca", QLORA, TUTORIAL | {"group_by_length": False}, 50),
+    "curve-ours": ("llama3-8b", "alpaca", QLORA, {"packing": False, "optimizer": "adamw_torch_fused"}, 50),
+}
+WARMUP = 3
+
+
+# ------------------------------------------------------------------------------------------
+# CPU side: tokenizers and prepared data
+
+
+def prepare_data(vocab_dir: Path, shared: Path, out: Path) -> None:
+    """Rebuild the Llama tokenizers from llama.cpp vocab GGUFs, run the prepare stage per dataset."""
+    from transformers import AutoTokenizer
+
+    from finetune.prepare import prepare
+    from finetune.recipe import Recipe, read_yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    for short, gguf in (("bpe", "ggml-vocab-llama-bpe.gguf"), ("spm", "ggml-vocab-llama-spm.gguf")):
+        tok_dir = out / "tmp-tok" / short
+        AutoTokenizer.from_pretrained(vocab_dir, gguf_file=gguf).save_pretrained(tok_dir)
+        (out / "tokenizers" / short).mkdir(parents=True, exist_ok=True)
+        for f in tok_dir.iterdir():  # gzip: the Llama-3 tokenizer.json is 17 MB, the carry limit 64 MiB
+            with f.open("rb") as src, gzip.open(out / "tokenizers" / short / (f.name + ".gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    for name, (recipe_name, raw, tok) in DATASETS.items():
+        raw_recipe = read_yaml(Path("recipes/recipe") / f"{recipe_name}.yaml")
+        raw_recipe["model"] = {"id": str(out / "tmp-tok" / tok)}
+        raw_recipe["data"] |= {"id": None, "local_path": str(shared / raw), "eval_size": 0, "test_size": 0}
+        metrics = prepare(Recipe.model_validate(raw_recipe), out / name, out / f"{name}.prepare.json")
+        print(name, json.dumps(metrics["train_tokens"]), flush=True)
+    shutil.rmtree(out / "tmp-tok")
+
+
+# ------------------------------------------------------------------------------------------
+# GPU side
+
+
+def matmul_peak_tflops() -> float:
+    """Median bf16 8192^3 matmul rate on random data, event-timed."""
+    import torch
+
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def build_checkpoint(shape: str, data: Path, dest: Path, layers: int) -> Path:
+    """A random bf16 Llama of ``shape`` saved with its tokenizer (RAM disk: fast to reload)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (dest / "config.json").is_file():
+        return dest
+    tok_src = data / "tokenizers" / TOKENIZER[shape]
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in tok_src.iterdir():
+        with gzip.open(f, "rb") as src, (dest / f.name.removesuffix(".gz")).open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    config = LlamaConfig(**(SHAPES[shape] | {"num_hidden_layers": layers}), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(dest)
+    del model
+    torch.cuda.empty_cache()
+    return dest
+
+
+def step_timer():
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """CUDA-synchronized wall time and non-pad input tokens of every optimizer step."""
+
+        def __init__(self):
+            self.steps: list[dict] = []
+            self._t = self._tokens = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.steps.append({"seconds": now - self._t, "tokens": state.num_input_tokens_seen - self._tokens})
+            self._t, self._tokens = now, state.num_input_tokens_seen
+
+        def on_train_end(self, args, state, control, **kw):
+            self.peak_allocated = torch.cuda.max_memory_allocated() / 2**30
+            self.peak_reserved = torch.cuda.max_memory_reserved() / 2**30
+
+    return StepTimer()
+
+
+def doc_lengths(data_dir: Path, tokenizer) -> list[int]:
+    from finetune.outputs import read_jsonl
+    from finetune.prepare import token_lengths
+
+    return token_lengths(read_jsonl(data_dir / "train.jsonl"), tokenizer)
+
+
+def flops_per_token(model, lengths: list[int]) -> tuple[float, dict]:
+    """Model FLOPs per useful token, the formula in the module docstring."""
+    import torch
+
+    cfg = model.config
+    frozen = lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit":
+            n = module.in_features * module.out_features
+            if "lora_" in name:
+                lora += n
+            elif not hasattr(module, "base_layer"):
+                frozen += n
+    mean_ctx = sum(s * (s + 1) / 2 for s in lengths) / sum(lengths)
+    attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * mean_ctx
+    return 4 * frozen + 6 * lora + 3 * attn, {"n_frozen": frozen, "n_lora": lora, "mean_ctx": round(mean_ctx, 1)}
+
+
+def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float) -> dict:
+    import torch
+
+    from finetune import train as train_mod
+    from finetune.recipe import Recipe, read_yaml
+
+    shape, dataset, quant, overrides, steps = CASES[name]
+    raw = read_yaml(Path("recipes/recipe") / f"{DATASETS[dataset][0]}.yaml")
+    raw["model"] = {"id": str(ckpt)}
+    raw["data"] |= {"id": None, "local_path": "unused"}
+    raw["quant"] = quant
+    base_train = {k: v for k, v in raw["train"].items() if k not in LEVERS}
+    raw["train"] = base_train | {"max_steps": steps, "logging_steps": 1, "precision": "bf16"} | overrides
+    recipe = Recipe.model_validate(raw)
+    timer = step_timer()
+    holder: dict = {}
+    orig = train_mod._sft_trainer
+
+    def spy(*args, **kwargs):  # keep the trainer to read the model and losses
+        holder["trainer"] = orig(*args, **kwargs)
+        return holder["trainer"]
+
+    train_mod._sft_trainer = spy
+    try:
+        metrics = train_mod.train(recipe, data / dataset, work / "adapter", work / "metrics.json",
+                                  live_dir=None, callbacks=[timer])
+    finally:
+        train_mod._sft_trainer = orig
+    trainer = holder["trainer"]
+    fpt, counts = flops_per_token(trainer.model, doc_lengths(data / dataset, trainer.processing_class))
+    timed = timer.steps[WARMUP:]
+    seconds = sum(s["seconds"] for s in timed)
+    tokens = sum(s["tokens"] for s in timed)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tok_s = tokens / seconds
+    del trainer, holder
+    torch.cuda.empty_cache()
+    return {
+        "case": name, "shape": shape, "dataset": dataset, "quant": quant["mode"],
+        "train": recipe.train.model_dump(), "packing": metrics["packing"], "liger": metrics["liger"],
+        "steps": len(timer.steps), "timed_steps": len(timed),
+        "useful_tok_s": round(tok_s, 1),
+        "step_s_median": round(statistics.median(s["seconds"] for s in timed), 4),
+        "tokens_per_step": round(tokens / len(timed), 1),
+        "peak_alloc_gib": round(timer.peak_allocated, 2), "peak_reserved_gib": round(timer.peak_reserved, 2),
+        "flops_per_token": fpt, **counts,
+        "mfu": round(fpt * tok_s / (peak_tflops * 1e12), 4), "matmul_peak_tflops": round(peak_tflops, 1),
+        "losses": losses, "step_seconds": [round(s["seconds"], 4) for s in timer.steps],
+        "stage_train_seconds": metrics["train_seconds"],
+    }
+
+
+def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> None:
+    """torch.profiler top CUDA ops over 2 steps after warm-up, as text."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
+
+    from finetune import train as train_mod
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=0, warmup=WARMUP, active=2, repeat=1))
+
+    class Step(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            prof.start()
+
+        def on_step_end(self, *a, **k):
+            prof.step()
+
+        def on_train_end(self, *a, **k):
+            prof.stop()
+
+    shape, dataset, quant, overrides, _ = CASES[name]
+    CASES[name] = (shape, dataset, quant, overrides, WARMUP + 2)
+    orig_train = train_mod.train
+    train_mod.train = lambda *a, callbacks=None, **k: orig_train(*a, callbacks=[*(callbacks or []), Step()], **k)
+    try:
+        run_case(name, data, ckpt, work, 1.0)
+    finally:
+        train_mod.train = orig_train
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    out.write_text(table)
+    print(table, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--vocab-dir", required=True)
+    p.add_argument("--shared", default="../shared/data")
+    p.add_argument("--out", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--data", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--cases", default=",".join(CASES))
+    r.add_argument("--profile", default="", help="cases to profile (torch.profiler, 2 steps)")
+    r.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke run")
+    r.add_argument("--steps", type=int, default=0, help="override every case's step count")
+    r.add_argument("--ckpt-root", default="/dev/shm/bench-ckpt")
+    args = parser.parse_args()
+    if args.cmd == "prepare":
+        prepare_data(Path(args.vocab_dir), Path(args.shared), Path(args.out))
+        return
+    import torch
+
+    data, out = Path(args.data), Path(args.out)
+    peak = matmul_peak_tflops()
+    print(json.dumps({"gpu": torch.cuda.get_device_name(0), "matmul_peak_tflops": round(peak, 1),
+                      "torch": torch.__version__}), flush=True)
+    names = [c for c in args.cases.split(",") if c]
+    names.sort(key=lambda c: CASES[c][0], reverse=True)  # one checkpoint build per shape
+    for name in names:
+        shape = CASES[name][0]
+        if args.steps:
+            CASES[name] = (*CASES[name][:4], args.steps)
+        ckpt = build_checkpoint(shape, data, Path(args.ckpt_root) / f"{shape}-{args.layers}", args.layers)
+        work = Path("/tmp/bench-work") / name
+        start = time.perf_counter()
+        try:
+            row = run_case(name, data, ckpt, work, peak)
+        except Exception as err:  # noqa: BLE001 -- record the failure, go on with the next case
+            row = {"case": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            torch.cuda.empty_cache()
+        row |= {"layers": args.layers, "wall_s": round(time.perf_counter() - start, 1),
+                "gpu": torch.cuda.get_device_name(0)}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        short = {k: row.get(k) for k in ("case", "useful_tok_s", "step_s_median", "tokens_per_step",
+                                         "peak_alloc_gib", "mfu", "wall_s", "error")}
+        print(json.dumps(short), flush=True)
+    for name in [c for c in args.profile.split(",") if c]:
+        ckpt = build_checkpoint(CASES[name][0], data, Path(args.ckpt_root) / f"{CASES[name][0]}-{args.layers}",
+                                args.layers)
+        profile_case(name, data, ckpt, Path("/tmp/bench-work") / f"prof-{name}", out.parent / f"profile-{name}.txt")
+
+
+if __name__ == "__main__":
+    main()
