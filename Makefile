@@ -25,7 +25,7 @@ endif
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMA_CPP_VERSION := 0.3.36
 
-.PHONY: install repro data eval test test-fast lock validate clean help test-image
+.PHONY: install repro data eval chat serve test test-fast lock validate clean help test-image
 help:
 	@sed -n '1,4p' Makefile
 
@@ -56,6 +56,16 @@ repro: data
 
 eval: install  ## benchmark table across recipes and experiments -> eval/report.md + eval/report.png
 	$(BIN)/python -m finetune report
+
+# talk to the result: MODEL = adapter | merged | base | gguf[:<type>] | a path (see README "Use the result")
+MODEL ?= merged
+HOST ?= 127.0.0.1
+PORT ?= 8000
+chat: install  ## interactive chat with streamed tokens
+	$(BIN)/python -m finetune chat --model $(MODEL)
+
+serve: install  ## OpenAI-compatible endpoint on $(HOST):$(PORT) (loopback; --allow-remote to widen)
+	$(BIN)/python -m finetune serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -29,7 +29,9 @@ def test_quantize_writes_and_verifies_every_type(tiny_llama_256, prepared, tmp_p
 
     metrics = quantize("tiny", SPEC, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
-        "tiny-f16.gguf", "tiny-q4_k_m.gguf", "tiny-q8_0.gguf"]
+        "README.md", "tiny-f16.Modelfile", "tiny-f16.gguf", "tiny-q4_k_m.Modelfile", "tiny-q4_k_m.gguf",
+        "tiny-q8_0.Modelfile", "tiny-q8_0.gguf"]
+    assert "FROM ./tiny-q8_0.gguf" in (tmp_path / "models" / "tiny-q8_0.Modelfile").read_text()
     assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["f16.json", "q4_k_m.json", "q8_0.json"]
     assert json.loads((tmp_path / "metrics" / "q8_0.json").read_text()) == metrics["q8_0"]
     bpw = {t: m["bits_per_weight"] for t, m in metrics.items()}
@@ -47,7 +49,7 @@ def test_only_requested_types_are_kept(tiny_llama_256, prepared, tmp_path):
 
     spec = SPEC.model_copy(update={"types": ["q8_0"]})
     quantize("tiny", spec, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["README.md", "tiny-q8_0.Modelfile", "tiny-q8_0.gguf"]
 
 
 def _convert_then(mutate):

@@ -77,7 +77,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     from finetune.quantize import quantize
 
     recipe = _recipe(args)
-    return quantize(recipe.name, recipe.quantize, args.merged, args.data, args.out, args.metrics)
+    return quantize(recipe.name, recipe.quantize, args.merged, args.data, args.out, args.metrics,
+                    system_prompt=recipe.data.system_prompt)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -98,6 +99,50 @@ def cmd_heldout(args: argparse.Namespace) -> dict:
     from finetune.heldout import heldout
 
     return heldout(_recipe(args), args.data, args.model, args.metrics, args.samples)
+
+
+def _chat_options(args: argparse.Namespace):
+    from finetune.chat import Options
+
+    return Options(model=args.model, outputs=args.outputs, models=args.models, system=args.system,
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                   threads=args.threads, ctx=args.ctx)
+
+
+def cmd_chat(args: argparse.Namespace) -> dict:
+    from finetune.chat import chat
+
+    return chat(_recipe(args), _chat_options(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> dict | None:
+    from finetune.chat import generate
+
+    return generate(_recipe(args), _chat_options(args), args.prompts, args.input, args.output, args.raw)
+
+
+def cmd_serve(args: argparse.Namespace) -> dict:
+    from finetune.serve import serve
+
+    return serve(_recipe(args), args.model, args.host, args.port, allow_remote=args.allow_remote,
+                 outputs_dir=args.outputs, models_dir=args.models, threads=args.threads, ctx=args.ctx,
+                 dry_run=args.dry_run)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="merged",
+                   help="adapter | merged | base | gguf[:<type>|:<file>.gguf] | a model folder (default: merged)")
+    p.add_argument("--outputs", default="outputs", help="where adapter/ and merged/ are (default: outputs)")
+    p.add_argument("--models", default="models", help="where the GGUF files are (default: models)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--ctx", type=int, default=4096, help="llama.cpp context length (default 4096)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system prompt (default: the recipe's data.system_prompt; '' for none)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="outputs/merged")
     p.add_argument("--metrics", default="metrics/heldout.json")
     p.add_argument("--samples", default="outputs/heldout")
+
+    p = add("chat", cmd_chat, "interactive chat with streamed tokens (adapter, merged, base or a GGUF)")
+    _model_args(p)
+    _sampling_args(p)
+
+    p = add("generate", cmd_generate, "one-shot prompts (arguments, or --input JSONL -> --output JSONL)")
+    p.add_argument("prompts", nargs="*", help="user messages; each answer streams to stdout")
+    p.add_argument("--input", default=None, help="JSONL rows with 'prompt' or 'messages'")
+    p.add_argument("--output", default=None, help="JSONL: each row + output, finish_reason ('-': stdout)")
+    p.add_argument("--raw", action="store_true", help="prompts are raw text: no chat template, no system prompt")
+    _model_args(p)
+    _sampling_args(p)
+
+    p = add("serve", cmd_serve, "OpenAI-compatible endpoint (llama.cpp server / transformers serve)")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
+    p.add_argument("--dry-run", action="store_true", help="print the server command instead of running it")
     return parser
 
 
@@ -180,5 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command (or `dvc repro`) to start the stage again", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    if result is not None:  # generate streams its own output
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

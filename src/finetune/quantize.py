@@ -233,8 +233,14 @@ def perplexity_hf(model, sequences: list[list[int]]) -> float:
 
 
 def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: str | Path,
-             out_dir: str | Path, metrics_dir: str | Path) -> dict[str, Any]:
-    """Run the stage; return the metrics written (one file per type under ``metrics_dir``)."""
+             out_dir: str | Path, metrics_dir: str | Path, system_prompt: str | None = None) -> dict[str, Any]:
+    """Run the stage; return the metrics written (one file per type under ``metrics_dir``).
+
+    The output folder also gets an Ollama Modelfile per GGUF and a README on LM Studio's layout
+    (finetune.handoff), with ``system_prompt`` (the recipe's data.system_prompt) as SYSTEM.
+    """
+    from finetune.handoff import write_handoff
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged_dir = Path(merged_dir)
@@ -302,6 +308,7 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
             }
         if "f16" not in spec.types:
             f16.unlink()
+        write_handoff(tmp, name, [results[t]["file"] for t in spec.types], merged_dir, system_prompt)
     kept = {k: v for k, v in results.items() if k in spec.types}
     with atomic_dir(metrics_dir) as tmp:
         for qtype, metrics in kept.items():
