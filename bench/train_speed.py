@@ -71,6 +71,21 @@ CASES = {
     "l2-guanaco-bf16": ("llama2-7b", "guanaco", NO_QUANT, {"batch_size": 8}, 10),
     "l2-evol-tutorial": ("llama2-7b", "evol", QLORA, TUTORIAL, 10),
     "l2-evol-qlora": ("llama2-7b", "evol", QLORA, {}, 10),
+    # varlen attention (finetune.varlen): document-local flash attention instead of sdpa's dense packed mask
+    "l3-alpaca-qlora-varlen": ("llama3-8b", "alpaca", QLORA, {"attention": "varlen"}, 10),
+    "l3-alpaca-qlora-ckpt-varlen": ("llama3-8b", "alpaca", QLORA,
+                                    {"attention": "varlen", "gradient_checkpointing": True}, 10),
+    "l3-alpaca-qlora-ckpt-b8-varlen": ("llama3-8b", "alpaca", QLORA,
+                                       {"attention": "varlen", "gradient_checkpointing": True, "batch_size": 8}, 10),
+    "l3-alpaca-qlora-ckpt-b16-varlen": ("llama3-8b", "alpaca", QLORA,
+                                        {"attention": "varlen", "gradient_checkpointing": True, "batch_size": 16}, 10),
+    "l3-alpaca-bf16-varlen": ("llama3-8b", "alpaca", NO_QUANT, {"attention": "varlen"}, 10),
+    "l3-alpaca-qlora-varlen-b2": ("llama3-8b", "alpaca", QLORA, {"attention": "varlen", "batch_size": 2}, 12),
+    "l3-alpaca-qlora-varlen-b3": ("llama3-8b", "alpaca", QLORA, {"attention": "varlen", "batch_size": 3}, 12),
+    "l3-alpaca-bf16-varlen-b2": ("llama3-8b", "alpaca", NO_QUANT, {"attention": "varlen", "batch_size": 2}, 12),
+    "l3-alpaca-bf16-varlen-b3": ("llama3-8b", "alpaca", NO_QUANT, {"attention": "varlen", "batch_size": 3}, 12),
+    "l3-alpaca-bf16-ckpt-b16-varlen": ("llama3-8b", "alpaca", NO_QUANT,
+                                       {"attention": "varlen", "gradient_checkpointing": True, "batch_size": 16}, 10),
     # loss curves on identical batches (random order, batch 4, seed 3407): tutorial levers vs ours
     "curve-tutorial": ("llama3-8b", "alpaca", QLORA, TUTORIAL | {"group_by_length": False}, 50),
     "curve-ours": ("llama3-8b", "alpaca", QLORA, {"packing": False, "optimizer": "adamw_torch_fused"}, 50),
@@ -245,6 +260,7 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float) 
     return {
         "case": name, "shape": shape, "dataset": dataset, "quant": quant["mode"],
         "train": recipe.train.model_dump(), "packing": metrics["packing"], "liger": metrics["liger"],
+        "attention": metrics.get("attention"),
         "steps": len(timer.steps), "timed_steps": len(timed),
         "useful_tok_s": round(tok_s, 1),
         "step_s_median": round(statistics.median(s["seconds"] for s in timed), 4),
@@ -255,6 +271,50 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float) 
         "losses": losses, "step_seconds": [round(s["seconds"], 4) for s in timer.steps],
         "stage_train_seconds": metrics["train_seconds"],
     }
+
+
+def check_varlen() -> dict:
+    """The real varlen kernel against separate sdpa runs: per-document losses of a packed bf16 row on a
+    2-layer Llama-3-shaped model (grouped kv heads), and the gradient of one LoRA-sized weight."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from finetune import varlen
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**(SHAPES["llama3-8b"] | {"num_hidden_layers": 2, "vocab_size": 4096}))
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    lengths = [97, 13, 250, 61, 400, 5]
+    seqs = [torch.randint(5, 4096, (n,)) for n in lengths]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": x.tolist(), "seq_lengths": [len(x)]} for x in seqs])
+    batch = {k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in batch.items() if k != "labels"}
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    weight = model.model.layers[1].self_attn.q_proj.weight
+
+    def losses(impl: str, packed: bool):
+        model.config._attn_implementation = impl
+        model.zero_grad()
+        out = []
+        if packed:
+            logits = model(**batch, use_cache=False).logits[0].float()
+            parts = [logits[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        else:
+            parts = [model(input_ids=x[None].cuda(), use_cache=False).logits[0].float() for x in seqs]
+        for x, lg in zip(seqs, parts):
+            out.append(torch.nn.functional.cross_entropy(lg[:-1], x[1:].cuda()))
+        torch.stack(out).sum().backward()
+        return torch.stack(out).detach(), weight.grad.detach().float().clone()
+
+    want, grad_want = losses("sdpa", packed=False)
+    got, grad_got = losses(varlen.register(), packed=True)
+    dense, grad_dense = losses("sdpa", packed=True)
+    return {"case": "varlen-check", "docs": lengths,
+            "max_rel_loss_diff_varlen_vs_separate": float(((got - want).abs() / want).max()),
+            "max_rel_loss_diff_sdpa_packed_vs_separate": float(((dense - want).abs() / want).max()),
+            "grad_rel_diff": float((grad_got - grad_want).norm() / grad_want.norm()),
+            "grad_rel_diff_sdpa_packed": float((grad_dense - grad_want).norm() / grad_want.norm())}
 
 
 def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> None:
@@ -315,6 +375,11 @@ def main() -> None:
     peak = matmul_peak_tflops()
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "matmul_peak_tflops": round(peak, 1),
                       "torch": torch.__version__}), flush=True)
+    if any(CASES[c][3].get("attention") == "varlen" for c in args.cases.split(",") if c):
+        row = check_varlen()
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
     names = [c for c in args.cases.split(",") if c]
     names.sort(key=lambda c: CASES[c][0], reverse=True)  # one checkpoint build per shape
     for name in names:

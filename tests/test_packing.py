@@ -58,3 +58,56 @@ def test_levers_resolve_on_cpu():
 def test_packing_with_group_by_length_is_rejected():
     with pytest.raises(ValueError, match="group_by_length"):
         TrainSpec(packing=True, group_by_length=True)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """What torch.nn.attention.varlen.varlen_attn computes (it needs CUDA), by separate sdpa calls."""
+    assert window_size == (-1, 0), "causal"
+    assert q.shape[1] == k.shape[1], "grouped-query heads expanded before the kernel"
+    out = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+                   .transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_varlen_glue_keeps_documents_apart(tiny_llama, monkeypatch):
+    """finetune.varlen reshapes q/k/v, expands grouped kv heads and passes TRL's document boundaries;
+    with a reference kernel, packed per-sequence losses equal separate sdpa runs (the real kernel is
+    compared on the GPU by bench/train_speed.py)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from finetune import varlen
+
+    monkeypatch.setattr(varlen, "_kernel", lambda: _reference_varlen)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=varlen.register()).eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    gen = torch.Generator().manual_seed(1)
+    lengths = [11, 4, 25, 9]
+    seqs = [torch.randint(5, model.config.vocab_size, (n,), generator=gen) for n in lengths]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": s.tolist(), "seq_lengths": [len(s)]} for s in seqs])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    with torch.no_grad():
+        packed = model(**inputs, use_cache=False).logits[0]
+        alone = [sdpa(input_ids=s[None], use_cache=False).logits[0] for s in seqs]
+        whole = model(**inputs | {"cu_seq_lens_q": torch.tensor([0, starts[-1]], dtype=torch.int32),
+                                  "cu_seq_lens_k": torch.tensor([0, starts[-1]], dtype=torch.int32),
+                                  "max_length_q": starts[-1], "max_length_k": starts[-1]}, use_cache=False).logits[0]
+    for i, s in enumerate(seqs):
+        want = _seq_loss(alone[i], s).item()
+        assert abs(_seq_loss(packed[starts[i]:starts[i + 1]], s).item() - want) < 1e-5, i
+    # the check can fail: boundaries that make the row one document let documents see each other
+    assert abs(_seq_loss(whole[starts[2]:starts[3]], seqs[2]).item() - _seq_loss(alone[2], seqs[2]).item()) > 1e-3
+
+
+def test_varlen_needs_cuda_and_packing():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(FinetuneError, match="train.attention: varlen needs CUDA"):
+        attention_kwargs(TrainSpec(attention="varlen", packing=True))
+    assert attention_kwargs(TrainSpec(packing=True)) == {}, "auto stays sdpa without CUDA"

@@ -103,8 +103,9 @@ class TrainSpec(_Section):
     liger: Literal["auto", "on", "off"] = Field(
         "auto", description="Liger kernels (RMSNorm, SwiGLU, RoPE); auto: on with CUDA when liger-kernel imports"
     )
-    attention: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
-        "auto", description="Attention kernel (attn_implementation); auto: the model's default (sdpa)"
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "varlen"] = Field(
+        "auto", description="Attention kernel (attn_implementation). varlen: PyTorch's variable-length flash "
+        "attention over packed documents (CUDA). auto: varlen when packing on CUDA, else the model's default (sdpa)"
     )
 
     @model_validator(mode="after")

@@ -55,13 +55,26 @@ def liger_enabled(spec: TrainSpec) -> bool:
     return available
 
 
-def attention_kwargs(spec: TrainSpec) -> dict[str, str]:
-    """``attn_implementation`` for the model load; ``auto`` keeps the model's default (sdpa).
+def attention_kwargs(spec: TrainSpec, classify: bool = False) -> dict[str, str]:
+    """``attn_implementation`` for the model load.
 
-    Packed rows stay separate under sdpa and eager: with no attention mask, transformers builds a
-    per-document mask from the restarting position ids. flex_attention skips the blocks between
-    documents but compiles first (bench/README.md has the measurements).
+    Packed rows stay separate under every choice: sdpa and eager get a per-document mask that
+    transformers builds from the restarting position ids (dense: cost grows with the square of the
+    batch's tokens); flex_attention skips the blocks between documents but compiles first; varlen
+    (``finetune.varlen``) hands the document boundaries to PyTorch's variable-length flash kernel.
+    ``auto``: varlen when packing on CUDA and PyTorch has it, else the model's default (sdpa).
     """
+    from finetune import varlen
+
+    if spec.attention == "varlen" or (spec.attention == "auto" and packing_enabled(spec, classify)
+                                      and varlen.available()):
+        if not varlen.available():
+            raise FinetuneError("train.attention: varlen needs CUDA and PyTorch >= 2.10 "
+                                "(torch.nn.attention.varlen); set train.attention: auto or sdpa")
+        if not packing_enabled(spec, classify):
+            raise FinetuneError("train.attention: varlen takes packed, padding-free batches; "
+                                "set train.packing: true (or auto on CUDA) or train.attention: sdpa")
+        return {"attn_implementation": varlen.register()}
     return {} if spec.attention == "auto" else {"attn_implementation": spec.attention}
 
 
@@ -245,7 +258,7 @@ def train(
     tokenizer = load_tokenizer(recipe.model)
     main = distributed.is_main_process()  # only rank 0 writes adapter, metrics and DVCLive
     classify = recipe.model.task == "sequence_classification"
-    model = load_model(recipe.model, _model_dtype(prec), recipe.quant, **attention_kwargs(spec),
+    model = load_model(recipe.model, _model_dtype(prec), recipe.quant, **attention_kwargs(spec, classify),
                        **distributed.load_overrides(recipe))
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as scratch:
         kwargs = training_kwargs(spec, prec, scratch)
@@ -277,6 +290,7 @@ def train(
             "precision": prec,
             "packing": packing_enabled(spec, classify),
             "liger": liger_enabled(spec) if not classify else False,
+            "attention": getattr(model.config, "_attn_implementation", None),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "num_processes": trainer.args.world_size,
         }
