@@ -94,6 +94,7 @@ class TrainSpec(_Section):
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Eval-loss interval; None: at the end only")
     threads: int | None = Field(None, ge=1, description="CPU threads (torch.set_num_threads)")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; a killed run resumes from the last one")
 
 
 class MergeSpec(_Section):
