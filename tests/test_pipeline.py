@@ -16,6 +16,16 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 RECIPES = sorted(p.stem for p in (ROOT / "recipes" / "recipe").glob("*.yaml"))
+FAKE_TOKEN = "hf_FakeTokenForLeakTest0123456789abcdef"
+
+
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    """Every file under ``root`` (outputs, models, metrics, dvc.lock, caches, git objects aside) with ``needle``."""
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and ".git" not in path.parts and needle in path.read_bytes():
+            hits.append(str(path.relative_to(root)))
+    return hits
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -29,7 +39,7 @@ def env() -> dict:
     bin_dir = str(Path(sys.executable).parent)
     return os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
                          "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "HF_TOKEN": FAKE_TOKEN}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +72,10 @@ def repo(tmp_path_factory, tiny_llama_256, env) -> Path:
 
 def test_repro_then_experiment(repo, env):
     out = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    # the hub token is set for the whole run: it must not reach logs, params, dvc.lock, metrics,
+    # model cards, GGUF files or the DVC cache
+    assert FAKE_TOKEN not in out
+    assert files_containing(repo, FAKE_TOKEN.encode()) == []
     for stage in ("prepare", "train", "merge", "quantize", "eval", "heldout"):
         assert f"Running stage '{stage}'" in out
     assert "data.dvc" not in run([sys.executable, "-m", "dvc", "status"], repo, env), \
