@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,8 +250,6 @@ def test_bad_input_is_one_line(case: Case, project: Path, monkeypatch, capsys):
     assert rc == case.rc, err[-2000:]
     assert len(lines) == 1, err[-2000:]
     assert "Traceback" not in err
-    import re
-
     assert re.search(case.expect, lines[0]), lines[0]
     print(lines[0])
     after = fingerprint(project)

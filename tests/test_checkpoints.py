@@ -116,6 +116,29 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_llama, prepare
     assert max_diff(out / "adapter", uninterrupted / "adapter") <= 1e-6
 
 
+def test_a_crash_after_the_last_step_resumes_without_an_extra_step(tiny_llama, prepared, tmp_path, uninterrupted,
+                                                                  monkeypatch):
+    import transformers
+
+    recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
+    out, root = tmp_path / "run", tmp_path / "ckpt"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed after training")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.Trainer, "evaluate", crash)
+        with pytest.raises(RuntimeError):
+            run(recipe, prepared, out, root)
+    [run_dir] = list(root.iterdir())
+    assert [p.name for p in checkpoints.checkpoints(run_dir)] == ["checkpoint-4", "checkpoint-2"], \
+        "no checkpoint of the last step"
+    metrics = run(recipe, prepared, out, root)
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == STEPS
+    assert [s for s, _ in curve(out / "live")] == list(range(STEPS))
+    assert max_diff(out / "adapter", uninterrupted / "adapter") <= 1e-6
+
+
 def test_changed_params_start_fresh(tiny_llama, prepared, tmp_path):
     a = tiny_recipe(tiny_llama, max_steps=STEPS)
     key = lambda r: checkpoints.run_key(r.model_dump(include={"model", "lora", "quant", "train"}),  # noqa: E731

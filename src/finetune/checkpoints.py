@@ -162,6 +162,12 @@ class CheckpointCallback(TrainerCallback):
     def __init__(self, live_dir: Path | None):
         self.live_dir = live_dir
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # no checkpoint of the last step: the adapter is saved next, and the Trainer resumed at
+        # max_steps runs one step too many
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
     def on_save(self, args, state, control, model=None, **kwargs):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not ckpt.is_dir():
@@ -220,7 +226,7 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
-def raise_if_stopped(guard: StopOnNonFinite, stop: StopOnSignal, step: int, run_dir: Path,
+def raise_if_stopped(guard: StopOnNonFinite, stop: StopOnSignal, step: int, max_steps: int, run_dir: Path,
                      learning_rate: float) -> None:
     """One line for a run the guard or a signal stopped: what happened and what to do."""
     if guard.bad is not None:
@@ -229,7 +235,7 @@ def raise_if_stopped(guard: StopOnNonFinite, stop: StopOnSignal, step: int, run_
             f"train: the loss became {guard.bad[1]} at step {guard.bad[0]}; lower train.learning_rate "
             f"(now {learning_rate})" + (f"; the last good checkpoint is kept in {kept}" if kept else "")
         )
-    if stop.received is not None:
+    if stop.received is not None and step < max_steps:  # a signal in the last step: the run is done
         raise FinetuneError(
             f"train: stopped by {stop.name} at step {step}; checkpoint saved in {latest_complete(run_dir)}; "
             "run `dvc repro` (or this command) again to resume from it"

@@ -242,7 +242,8 @@ def train(
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - start
         history = trainer.state.log_history
-        checkpoints.raise_if_stopped(guard, stop, trainer.state.global_step, run, spec.learning_rate)
+        checkpoints.raise_if_stopped(guard, stop, trainer.state.global_step, trainer.state.max_steps, run,
+                                     spec.learning_rate)
         eval_loss = float(trainer.evaluate()["eval_loss"]) if "eval" in data else None
         logged = [h["loss"] for h in history if "loss" in h] + [result.training_loss]
         bad = next((x for x in [*logged, eval_loss] if x is not None and not math.isfinite(x)), None)
