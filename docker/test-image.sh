@@ -47,7 +47,8 @@ log "podman build -> $IMAGE"
 podman build --network host "${mounts[@]}" "${build_args[@]}" -f docker/Dockerfile -t "$IMAGE" . \
   >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
 IMAGE_ID=$(podman image inspect --format '{{.Id}}' "$IMAGE")
-log "built $IMAGE (id sha256:$IMAGE_ID)"
+DIGEST=$(podman image inspect --format '{{.Digest}}' "$IMAGE")
+log "built $IMAGE@$DIGEST (id sha256:$IMAGE_ID)"
 
 log "the quickstart in the image, offline, on a fresh clone of $(git rev-parse --short HEAD)"
 rm -rf "$WORK/workspace"
@@ -57,7 +58,8 @@ run_mounts=(-v "$WORK/workspace:/workspace")
 # the quickstart's ARC-Easy eval task reads ../shared/data (read-only, as beside a dev checkout)
 [[ -d "$SHARED_DATA" ]] && run_mounts+=(-v "$SHARED_DATA:/shared/data:ro")
 start=$(date +%s)
-podman run --rm --network none "${run_mounts[@]}" "$IMAGE" repro 2>&1 | tee "$WORK/repro.log" | grep -E "Running stage|Stage .* didn't change|ERROR|error:" || true
+# the image's identity goes into every result's provenance (a container cannot read its own digest)
+podman run --rm --network none -e "FINETUNE_IMAGE=$IMAGE@$DIGEST" "${run_mounts[@]}" "$IMAGE" repro 2>&1 | tee "$WORK/repro.log" | grep -E "Running stage|Stage .* didn't change|ERROR|error:" || true
 status=${PIPESTATUS[0]}
 [[ $status -eq 0 ]] || { tail -40 "$WORK/repro.log"; log "quickstart failed in the image (exit $status)"; exit 1; }
 log "quickstart passed in $(( $(date +%s) - start )) s"
@@ -72,4 +74,4 @@ assert block["image"] and "sha256:" in block["image"], block
 print("heldout:", json.load(open(f"{ws}/metrics/heldout.json")))
 print("provenance:", block["image"], "|", block["hardware"])
 PY
-log "ok: $IMAGE sha256:$IMAGE_ID"
+log "ok: $IMAGE@$DIGEST"

@@ -13,11 +13,23 @@ from conftest import ROOT, pipeline_env, project_copy, run
 
 pytestmark = pytest.mark.slow
 RECIPES = sorted(p.stem for p in (ROOT / "recipes" / "recipe").glob("*.yaml"))
+FAKE_TOKEN = "hf_FakeTokenForLeakTest0123456789abcdef"
+
+
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    """Every file under ``root`` (outputs, models, metrics, dvc.lock, the DVC cache ...) holding ``needle``;
+    git objects and the copied test sources (which spell the fake token) aside."""
+    hits = []
+    for path in root.rglob("*"):
+        skip = ".git" in path.parts or path.relative_to(root).parts[0] == "tests"
+        if path.is_file() and not skip and needle in path.read_bytes():
+            hits.append(str(path.relative_to(root)))
+    return hits
 
 
 @pytest.fixture(scope="module")
 def env() -> dict:
-    return pipeline_env()
+    return pipeline_env() | {"HF_TOKEN": FAKE_TOKEN}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +40,10 @@ def repo(tmp_path_factory, tiny_llama_256, env) -> Path:
 
 def test_repro_then_experiment(repo, env):
     out = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    # the hub token is set for the whole run: it must not reach logs, params, dvc.lock, metrics,
+    # model cards, GGUF files or the DVC cache
+    assert FAKE_TOKEN not in out
+    assert files_containing(repo, FAKE_TOKEN.encode()) == []
     for stage in ("prepare", "train", "merge", "quantize", "eval", "heldout"):
         assert f"Running stage '{stage}'" in out
     assert "data.dvc" not in run([sys.executable, "-m", "dvc", "status"], repo, env), \

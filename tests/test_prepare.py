@@ -325,3 +325,25 @@ def test_guanaco_llama2_rows_format():
     assert len(kept) >= 990, dropped
     assert all(r["prompt"].endswith("[/INST]") and r["completion"].startswith(" ") for r in kept)
     assert not any(r["completion"].rstrip().endswith("</s>") for r in kept)
+
+
+LONG = [{"instruction": "hi", "output": "yo"}, {"instruction": "hi", "output": "word " * 60},
+        {"instruction": "word " * 60, "output": "x"}]
+
+
+@pytest.mark.parametrize("mode", ["truncate", "drop"])
+def test_rows_over_max_length_are_truncated_or_dropped_and_counted(smollm_tokenizer_dir, mode):
+    from finetune.formats import TRUNCATED
+    from finetune.models import load_tokenizer
+    from finetune.recipe import ModelSpec
+
+    tok = load_tokenizer(ModelSpec(id=str(smollm_tokenizer_dir)))
+    s = spec("alpaca", max_length=64, on_too_long=mode)
+    kept, dropped = format_rows(LONG, s, tok, 2, "src.jsonl")
+    assert dropped["prompt alone fills data.max_length 64 tokens" if mode == "truncate"
+                   else "longer than data.max_length 64 tokens"] == (1 if mode == "truncate" else 2)
+    assert all(len(tok(r["prompt"] + r["completion"])["input_ids"]) <= 64 + 1 for r in kept)
+    if mode == "truncate":
+        assert dropped[TRUNCATED] == 1 and len(kept) == 2 and kept[1]["completion"].startswith("word word")
+    else:
+        assert len(kept) == 1 and TRUNCATED not in dropped

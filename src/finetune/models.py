@@ -69,10 +69,16 @@ def _check_local(spec: ModelSpec, source: str) -> None:
 
 def _hub_error(spec: ModelSpec, err: Exception) -> FinetuneError:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ValueError) and "trust_remote_code" in str(err):
+        return FinetuneError(
+            f"model.id '{spec.id}': the model repo ships its own Python code, which is not run by default; "
+            "set model.trust_remote_code: true only if you trust that code"
+        )
     if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower():
         return FinetuneError(
-            f"model.id '{spec.id}': not available offline ({text}); set model.id to a local folder "
-            "or run online once so the hub cache has it"
+            f"model.id '{spec.id}': not in the local hub cache and the hub is unreachable or offline "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); set model.id to a local folder, "
+            "or unset HF_HUB_OFFLINE and run online once to fill the cache"
         )
     if "gated" in text.lower() or "401" in text or "403" in text:
         return FinetuneError(
@@ -89,7 +95,9 @@ def load_tokenizer(spec: ModelSpec):
     _check_local(spec, source)
     try:
         tok = AutoTokenizer.from_pretrained(source, **_load_kwargs(spec, source))
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and "trust_remote_code" not in str(err):
+            raise
         raise _hub_error(spec, err) from None
     if spec.chat_template:
         tok.chat_template = spec.chat_template
@@ -113,6 +121,19 @@ def quantization_config(quant: QuantSpec):
     )
 
 
+def bnb_4bit_available() -> bool:
+    """bitsandbytes 4-bit works here: on a CUDA GPU, or through its CPU backend (slow, but real)."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        import bitsandbytes.functional as bnbf
+
+        bnbf.quantize_4bit(torch.ones(64, 64), quant_type="nf4")
+    except Exception:  # noqa: BLE001 -- any failure means no usable kernel
+        return False
+    return True
+
+
 def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = None, **extra: Any):
     """Load the base model for ``spec.task`` in ``dtype`` (4-bit through bitsandbytes if asked)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -122,6 +143,11 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = No
     kwargs = _load_kwargs(spec, source) | {"dtype": dtype} | extra
     qconf = quantization_config(quant) if quant else None
     if qconf is not None:
+        if not bnb_4bit_available():
+            raise FinetuneError(
+                "quant.mode 4bit: bitsandbytes has no 4-bit kernels here (no CUDA GPU visible and no CPU "
+                "backend); set quant.mode: none to train the 16/32-bit base on this machine"
+            )
         if spec.gguf_file:
             raise FinetuneError("quant.mode 4bit: a GGUF base cannot be re-quantized; set quant.mode: none")
         kwargs["quantization_config"] = qconf
@@ -133,7 +159,9 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = No
         cls = AutoModelForCausalLM
     try:
         model = cls.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and "trust_remote_code" not in str(err):
+            raise
         raise _hub_error(spec, err) from None
     return plain_copy(model) if spec.gguf_file else model
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.formats import BadRow, format_row
+from finetune.formats import TRUNCATED, BadRow, TooLong, fit_length, format_row
 from finetune.models import load_tokenizer
 from finetune.outputs import atomic_dir, write_json, write_jsonl
 from finetune.recipe import DataSpec, Recipe
@@ -115,17 +115,37 @@ def split_rows(rows: list[dict], spec: DataSpec, has_test_file: bool) -> dict[st
 def format_rows(
     rows: list[dict], spec: DataSpec, tokenizer: Any, num_labels: int, source: str
 ) -> tuple[list[dict], Counter]:
-    """Format every row; bad rows fail the stage or are skipped and counted (``data.on_bad_row``)."""
+    """Format every row; bad rows fail the stage or are skipped and counted (``data.on_bad_row``).
+
+    Rows over ``data.max_length`` tokens fail, are truncated or dropped (``data.on_too_long``); the
+    returned counter has the drop reasons and, under :data:`TRUNCATED`, how many were cut.
+    """
     kept, dropped = [], Counter()
     first_bad: dict[str, int] = {}
+    too_long: Counter = Counter()
     for index, row in enumerate(rows):
         try:
-            kept.append(format_row(row, spec, tokenizer, num_labels))
+            formatted, cut = fit_length(format_row(row, spec, tokenizer, num_labels), spec, tokenizer)
+            kept.append(formatted)
+            dropped[TRUNCATED] += cut
+        except TooLong as err:
+            dropped[str(err)] += 1
+            too_long[str(err)] += 1
+            first_bad.setdefault(str(err), index)
         except BadRow as err:
             dropped[str(err)] += 1
             first_bad.setdefault(str(err), index)
-    if dropped and spec.on_bad_row == "fail":
-        reason, count = dropped.most_common(1)[0]
+    if not dropped[TRUNCATED]:
+        del dropped[TRUNCATED]
+    if too_long and spec.on_too_long == "fail":
+        reason, count = too_long.most_common(1)[0]
+        raise FinetuneError(
+            f"{source}: {count} row(s) {reason}, first at row {first_bad[reason]}; set data.on_too_long: "
+            "truncate or drop, or raise data.max_length"
+        )
+    bad = Counter({k: v for k, v in dropped.items() if k != TRUNCATED and k not in too_long})
+    if bad and spec.on_bad_row == "fail":
+        reason, count = bad.most_common(1)[0]
         raise FinetuneError(
             f"{source}: {count} row(s) with {reason}, first at row {first_bad[reason]}; "
             "fix the data or set data.on_bad_row: skip"
@@ -157,10 +177,12 @@ def prepare(recipe: Recipe, out_dir: str | Path, metrics_path: str | Path) -> di
         raise FinetuneError(f"{source}: the dataset is empty; point data.local_path/data.id at rows")
     tokenizer = load_tokenizer(recipe.model)
     kept, dropped = format_rows(raw, spec, tokenizer, recipe.model.num_labels, source)
+    truncated = dropped.pop(TRUNCATED, 0)
     parts = split_rows(kept, spec, has_test_file=bool(spec.test_path))
     if spec.test_path:
         test_raw = read_local(spec.test_path)
         parts["test"], test_dropped = format_rows(test_raw, spec, tokenizer, recipe.model.num_labels, spec.test_path)
+        truncated += test_dropped.pop(TRUNCATED, 0)
         dropped.update({f"test: {k}": v for k, v in test_dropped.items()})
     if not parts["train"]:
         raise FinetuneError(f"{source}: no training rows left after the split; lower data.test_size/eval_size")
@@ -170,6 +192,7 @@ def prepare(recipe: Recipe, out_dir: str | Path, metrics_path: str | Path) -> di
         "rows_kept": len(kept),
         "rows_dropped": sum(dropped.values()),
         "dropped": dict(sorted(dropped.items())),
+        **({"truncated": truncated} if spec.max_length else {}),
         "splits": {name: len(rows) for name, rows in parts.items()},
         "train_tokens": length_stats(lengths),
     }

@@ -50,6 +50,10 @@ class DataSpec(_Section):
     test_size: float = Field(0.0, ge=0, description="Fraction (<1) or count (>=1) held out as test split")
     seed: int = 42
     on_bad_row: Literal["fail", "skip"] = "fail"
+    max_length: int | None = Field(None, ge=8, description="Token limit per formatted row; None: no check")
+    on_too_long: Literal["fail", "truncate", "drop"] = Field(
+        "fail", description="A row over data.max_length: fail the stage, cut it (counted), or drop it (counted)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -103,6 +107,7 @@ class TrainSpec(_Section):
     liger: Literal["auto", "on", "off"] = Field(
         "auto", description="Liger kernels (RMSNorm, SwiGLU, RoPE); auto: on with CUDA when liger-kernel imports"
     )
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; a killed run resumes from the last one")
     attention: Literal["auto", "sdpa", "eager", "flex_attention", "varlen"] = Field(
         "auto", description="Attention kernel (attn_implementation). varlen: PyTorch's variable-length flash "
         "attention over packed documents (CUDA). auto: varlen when packing on CUDA, else the model's default (sdpa)"
@@ -230,6 +235,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc) or "<root>"
     kind = first["type"]
+    if kind == "extra_forbidden" and "token" in str(loc[-1]).lower():
+        return f"{source}: unknown key '{key}'; never put a hub token in a recipe, export HF_TOKEN instead"
     if kind == "extra_forbidden":
         valid = _field_names(_section_model(loc))
         near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)

@@ -8,20 +8,23 @@ Reads the ``model``, ``lora``, ``quant`` and ``train`` sections.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import math
 import resource
-import tempfile
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune import distributed
+from finetune import checkpoints, distributed
 from finetune.errors import FinetuneError
 from finetune.models import load_model, load_tokenizer
-from finetune.outputs import read_jsonl, write_json
+from finetune.outputs import atomic_dir, read_jsonl, write_json
 from finetune.provenance import provenance
 from finetune.recipe import Recipe, TrainSpec
 
@@ -134,7 +137,7 @@ def training_kwargs(spec: TrainSpec, prec: str, output_dir: str) -> dict[str, An
 WALL_CLOCK = ("runtime", "_per_second")  # Trainer log keys that measure the machine, not the model
 
 
-def _dvclive_callback(live_dir: str | None):
+def _dvclive_callback(live_dir: str | Path | None, resume: bool = False):
     """DVCLive logging of the loss curve and params, without wall-clock values or scratch paths, so
     two runs of the same recipe write byte-identical files (timing goes to the timing file)."""
     if live_dir is None:
@@ -153,7 +156,8 @@ def _dvclive_callback(live_dir: str | None):
             logs = {k: v for k, v in (logs or {}).items() if not k.endswith(WALL_CLOCK)}
             super().on_log(args, state, control, model=model, logs=logs, **kwargs)
 
-    return [QualityDVCLiveCallback(live=Live(dir=live_dir, save_dvc_exp=False, dvcyaml=None, report=None))]
+    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None, resume=resume)
+    return [QualityDVCLiveCallback(live=live)]
 
 
 def _sft_trainer(recipe: Recipe, model, tokenizer, data: dict, kwargs: dict, callbacks: list):
@@ -233,6 +237,26 @@ def _last(history: list[dict], key: str) -> float | None:
     return values[-1] if values else None
 
 
+@contextmanager
+def _resource_errors(spec: TrainSpec, where: str | Path) -> Iterator[None]:
+    """Out of memory and a full disk become one line that says what to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise FinetuneError(
+            f"train: out of memory (train.batch_size {spec.batch_size}, train.max_length {spec.max_length}); "
+            "lower train.batch_size and raise train.grad_accum, set train.gradient_checkpointing: true, "
+            "or lower train.max_length (train.packing: true avoids padding)"
+        ) from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise FinetuneError(
+            f"{err.filename or where}: no space left on device while saving; free disk space and rerun "
+            "(finished outputs and complete checkpoints are kept)"
+        ) from None
+
+
 def train(
     recipe: Recipe,
     data_dir: str | Path,
@@ -241,10 +265,16 @@ def train(
     live_dir: str | None = "dvclive",
     timing_path: str | Path | None = None,
     callbacks: list | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the stage; return the metrics written. Quality metrics (deterministic on CPU) go to
     ``metrics_path``, wall-clock ones (seconds, tokens/s, peak memory) to ``timing_path``.
-    ``callbacks``: extra Trainer callbacks (benchmarks)."""
+    ``callbacks``: extra Trainer callbacks (benchmarks).
+
+    Checkpoints go to ``checkpoint_dir`` (default: ``checkpoints/`` beside the adapter folder),
+    one subfolder per params+data hash; a rerun with the same ones resumes from the newest intact
+    checkpoint (see :mod:`finetune.checkpoints`).
+    """
     from transformers import set_seed
 
     spec = recipe.train
@@ -260,17 +290,30 @@ def train(
     classify = recipe.model.task == "sequence_classification"
     model = load_model(recipe.model, _model_dtype(prec), recipe.quant, **attention_kwargs(spec, classify),
                        **distributed.load_overrides(recipe))
-    with tempfile.TemporaryDirectory(prefix="finetune-train-") as scratch:
-        kwargs = training_kwargs(spec, prec, scratch)
+    root = Path(checkpoint_dir) if checkpoint_dir else Path(adapter_dir).parent / "checkpoints"
+    run = root / checkpoints.run_key(recipe.model_dump(include={"model", "lora", "quant", "train"}),
+                                     [Path(data_dir) / "train.jsonl", Path(data_dir) / "eval.jsonl"])
+    resume = checkpoints.latest_complete(run)
+    live_work = run / "dvclive" if live_dir and main else None
+    if live_work is not None:
+        checkpoints.restore_live(resume, live_work)
+    with checkpoints.removed_on_success(run):  # the run folder outlives a kill or an error
+        kwargs = training_kwargs(spec, prec, str(run)) | checkpoints.trainer_args(spec.save_steps, run)
         build = _classification_trainer if classify else _sft_trainer
+        guard, stop = checkpoints.StopOnNonFinite(), checkpoints.StopOnSignal()
+        hooks = [*_dvclive_callback(live_work, resume=resume is not None), guard, stop,
+                 checkpoints.CheckpointCallback(live_work)]
         trainer = build(recipe, model, tokenizer, {k: v for k, v in data.items() if k != "test"},
-                        kwargs, (_dvclive_callback(live_dir) if main else []) + list(callbacks or []))
+                        kwargs, hooks + list(callbacks or []))
         distributed.check_backend(recipe, trainer)
         trainable, total = trainer.model.get_nb_trainable_parameters()
         start = time.perf_counter()
-        result = trainer.train()
+        with stop.installed(), _resource_errors(spec, run):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - start
         history = trainer.state.log_history
+        checkpoints.raise_if_stopped(guard, stop, trainer.state.global_step, trainer.state.max_steps, run,
+                                     spec.learning_rate)
         eval_loss = float(trainer.evaluate()["eval_loss"]) if "eval" in data else None
         logged = [h["loss"] for h in history if "loss" in h] + [result.training_loss]
         bad = next((x for x in [*logged, eval_loss] if x is not None and not math.isfinite(x)), None)
@@ -278,7 +321,8 @@ def train(
             raise FinetuneError(
                 f"train: the loss became {bad}; lower train.learning_rate (now {spec.learning_rate})"
             )
-        loss = result.training_loss
+        # a resumed run's own training_loss covers only the steps after the checkpoint
+        loss = result.training_loss if resume is None else checkpoints.logged_mean_loss(history)
         tokens = int(trainer.state.num_input_tokens_seen)
         metrics: dict[str, Any] = {
             "train_loss": round(float(loss), 6),
@@ -294,6 +338,8 @@ def train(
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "num_processes": trainer.args.world_size,
         }
+        if resume is not None:
+            metrics["resumed_from_step"] = checkpoints.step_of(resume)
         if eval_loss is not None:
             metrics["eval_loss"] = round(eval_loss, 6)
         if classify and "test" in data:
@@ -304,7 +350,11 @@ def train(
         for config in getattr(trainer.model, "peft_config", {}).values():  # a set: saved in hash order otherwise
             if isinstance(config.target_modules, (set, frozenset)):
                 config.target_modules = sorted(config.target_modules)
-        distributed.save_adapter(trainer, tokenizer, adapter_dir)
+        with _resource_errors(spec, adapter_dir):
+            distributed.save_adapter(trainer, tokenizer, adapter_dir)
+        if live_dir and live_work is not None and live_work.is_dir():
+            with atomic_dir(live_dir) as tmp:
+                shutil.copytree(live_work, tmp, dirs_exist_ok=True)
         peak = distributed.max_over_processes(trainer, _peak_memory_gib())
     timing = {
         "train_seconds": round(seconds, 2),

@@ -1,0 +1,163 @@
+"""Resume after a stop: the same params continue from the newest intact checkpoint and end where an
+uninterrupted run ends (same adapter, same loss curve); changed params start fresh."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import ROWS, tiny_recipe
+from finetune import checkpoints
+from finetune.errors import FinetuneError
+from finetune.outputs import write_jsonl
+
+STEPS = 6
+
+
+def write_prepared(data: Path) -> Path:
+    write_jsonl(data / "train.jsonl", ROWS[:16])
+    write_jsonl(data / "eval.jsonl", ROWS[16:20])
+    return data
+
+
+@pytest.fixture
+def prepared(tmp_path) -> Path:
+    return write_prepared(tmp_path / "prepared")
+
+
+def adapter_tensors(adapter: Path) -> dict[str, torch.Tensor]:
+    return load_file(adapter / "adapter_model.safetensors")
+
+
+def max_diff(a: Path, b: Path) -> float:
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
+
+
+def curve(live: Path, name: str = "loss") -> list[tuple[int, float]]:
+    with (live / "plots" / "metrics" / f"{name}.tsv").open() as fh:
+        return [(int(r["step"]), float(r[name])) for r in csv.DictReader(fh, delimiter="\t")]
+
+
+def run(recipe, prepared: Path, out: Path, ckpt_root: Path):
+    from finetune.train import train
+
+    return train(recipe, prepared, out / "adapter", out / "train.json", live_dir=str(out / "live"),
+                 checkpoint_dir=ckpt_root)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama, tmp_path_factory) -> Path:
+    """One run straight through, the reference for every resumed run."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
+    run(recipe, write_prepared(tmp / "prepared"), tmp / "ref", tmp / "ref-ckpt")
+    assert not (tmp / "ref-ckpt").exists(), "checkpoints are removed once the adapter is saved"
+    return tmp / "ref"
+
+
+def test_sigterm_saves_then_rerun_resumes_to_the_same_adapter(tiny_llama, prepared, tmp_path, uninterrupted,
+                                                              monkeypatch):
+    recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
+
+    def term_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3 and self.received is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out, root = tmp_path / "run", tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term_at_step_3, raising=False)
+        with pytest.raises(FinetuneError, match=r"stopped by SIGTERM at step 4; checkpoint saved in .*checkpoint-4.*resume"):
+            run(recipe, prepared, out, root)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the handler is removed again"
+    assert not (out / "adapter").exists() and not (out / "live").exists()
+    [run_dir] = list(root.iterdir())
+    assert [p.name for p in checkpoints.checkpoints(run_dir)] == ["checkpoint-4", "checkpoint-2"]
+
+    metrics = run(recipe, prepared, out, root)
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == STEPS
+    assert max_diff(out / "adapter", uninterrupted / "adapter") <= 1e-6
+    resumed, reference = curve(out / "live"), curve(uninterrupted / "live")
+    assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(STEPS)), "no repeated or lost step"
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
+    ref_metrics = json.loads((uninterrupted / "train.json").read_text())
+    assert metrics["train_loss"] == pytest.approx(ref_metrics["train_loss"], abs=1e-5)
+    assert not run_dir.exists()
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_llama, prepared, tmp_path, uninterrupted,
+                                                              monkeypatch, capfd):
+    recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
+    out, root = tmp_path / "run", tmp_path / "ckpt"
+
+    def term_at_step_4(self, args, state, control, **kwargs):
+        if state.global_step == 4 and self.received is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term_at_step_4, raising=False)
+        with pytest.raises(FinetuneError, match="step 5"):
+            run(recipe, prepared, out, root)
+    [run_dir] = list(root.iterdir())
+    newest = run_dir / "checkpoint-5" / "optimizer.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a torn write
+    capfd.readouterr()
+    metrics = run(recipe, prepared, out, root)
+    assert "checkpoint-5: optimizer.pt is corrupt" in capfd.readouterr().err
+    assert metrics["resumed_from_step"] == 4
+    assert max_diff(out / "adapter", uninterrupted / "adapter") <= 1e-6
+
+
+def test_a_crash_after_the_last_step_resumes_without_an_extra_step(tiny_llama, prepared, tmp_path, uninterrupted,
+                                                                  monkeypatch):
+    import transformers
+
+    recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
+    out, root = tmp_path / "run", tmp_path / "ckpt"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed after training")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.Trainer, "evaluate", crash)
+        with pytest.raises(RuntimeError):
+            run(recipe, prepared, out, root)
+    [run_dir] = list(root.iterdir())
+    assert [p.name for p in checkpoints.checkpoints(run_dir)] == ["checkpoint-4", "checkpoint-2"], \
+        "no checkpoint of the last step"
+    metrics = run(recipe, prepared, out, root)
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == STEPS
+    assert [s for s, _ in curve(out / "live")] == list(range(STEPS))
+    assert max_diff(out / "adapter", uninterrupted / "adapter") <= 1e-6
+
+
+def test_changed_params_start_fresh(tiny_llama, prepared, tmp_path):
+    a = tiny_recipe(tiny_llama, max_steps=STEPS)
+    key = lambda r: checkpoints.run_key(r.model_dump(include={"model", "lora", "quant", "train"}),  # noqa: E731
+                                        [prepared / "train.jsonl"])
+    assert key(a) == key(tiny_recipe(tiny_llama, max_steps=STEPS, threads=1, save_steps=3))
+    assert key(a) != key(tiny_recipe(tiny_llama, max_steps=STEPS, learning_rate=5e-4))
+    before = key(a)
+    write_jsonl(prepared / "train.jsonl", ROWS[:15])
+    assert key(a) != before, "changed data starts fresh"
+
+
+def test_incomplete_checkpoint_is_skipped(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (2, 4):
+        ckpt = run_dir / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text("{}")
+        (ckpt / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    checkpoints.write_manifest(run_dir / "checkpoint-2")  # checkpoint-4 was killed before its manifest
+    assert checkpoints.problem(run_dir / "checkpoint-4").startswith("incomplete")
+    assert checkpoints.latest_complete(run_dir) == run_dir / "checkpoint-2"
+    assert not (run_dir / "checkpoint-4").exists()

@@ -1,0 +1,178 @@
+"""SIGKILL at random moments: outputs are always complete (the old one or the new one) and a rerun
+finishes; a killed train resumes to the adapter and loss curve of an uninterrupted run.
+
+Each stage runs as ``python -m finetune <stage>`` in a small project on tiny models; the state left
+behind by every kill is checked against a complete run's outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import recipe_dict
+
+pytestmark = pytest.mark.slow
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1",
+                    "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+STAGES = {  # stage -> (cli args, output paths)
+    "prepare": (["prepare"], ["outputs/prepared", "metrics/prepare.json"]),
+    "train": (["train"], ["outputs/adapter", "metrics/train.json", "dvclive"]),
+    "merge": (["merge"], ["outputs/merged"]),
+    "quantize": (["quantize"], ["models", "metrics/quantize"]),
+    "heldout": (["heldout"], ["outputs/heldout", "metrics/heldout.json"]),
+    "eval": (["eval"], ["eval/metrics", "eval/samples"]),
+}
+TRIALS = {"prepare": 2, "train": 3, "merge": 1, "quantize": 2, "heldout": 1, "eval": 1}  # 10 kills
+TRAIN_STEPS = 8
+
+
+def start(project: Path, stage: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "finetune", *STAGES[stage][0]], cwd=project, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(project: Path, stage: str) -> float:
+    begin = time.perf_counter()
+    proc = start(project, stage)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{stage} failed:\n{err[-3000:]}"
+    return time.perf_counter() - begin
+
+
+def snapshot(project: Path, rel: str) -> dict[str, int] | None:
+    """{file: size} under an output path (a file maps to itself), None when absent."""
+    path = project / rel
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {rel: path.stat().st_size}
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_complete(project: Path, rel: str, reference: dict[str, int]) -> None:
+    """The output at ``rel`` is absent or complete: the reference's files, binary ones the same size,
+    every JSON/JSONL file parses."""
+    state = snapshot(project, rel)
+    if state is None:
+        return
+    assert set(state) == set(reference), f"{rel}: files {sorted(set(state) ^ set(reference))} differ"
+    path = project / rel
+    for name, size in state.items():
+        file = path if path.is_file() else path / name
+        if file.suffix == ".json":
+            json.loads(file.read_text())
+        elif file.suffix == ".jsonl":
+            [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        elif file.suffix in (".safetensors", ".gguf", ".bin", ".pt"):
+            assert size == reference[name], f"{rel}/{name}: {size} bytes, a complete one has {reference[name]}"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_llama) -> Path:
+    """A small project: generated data, tiny model, every stage small."""
+    root = tmp_path_factory.mktemp("project")
+    raw = recipe_dict(
+        "quickstart",
+        model={"id": str(tiny_llama), "gguf_file": None},
+        data={"eval_size": 8},
+        train={"max_steps": TRAIN_STEPS, "batch_size": 4, "logging_steps": 1, "save_steps": 2, "threads": 1},
+        lora={"r": 4, "alpha": 8},
+        quantize={"types": ["f16", "q8_0"], "verify_prompts": 2, "verify_tokens": 4, "ppl_rows": 4, "threads": 1},
+        eval={"limit": 4, "max_new_tokens": 4, "batch_size": 4, "tasks": [], "humaneval_limit": 1,
+              "humaneval_max_new_tokens": 8, "gguf_types": ["q8_0"], "threads": 1},
+    )
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "finetune", "generate-data", "--out", "data/quickstart",
+                    "--n-train", "60", "--n-test", "8"], cwd=root, env=ENV, check=True, capture_output=True)
+    return root
+
+
+def test_kill_each_stage_at_random_moments(project):
+    rng = random.Random(int(os.environ.get("KILL_SEED", time.time())))
+    reference, seconds = {}, {}
+    for stage, (_, outs) in STAGES.items():  # one complete run: the reference outputs, the timings
+        seconds[stage] = finish(project, stage)
+        reference |= {rel: snapshot(project, rel) for rel in outs}
+    print("complete runs (s):", {k: round(v, 1) for k, v in seconds.items()})
+    kills = 0
+    for stage, trials in TRIALS.items():
+        outs = STAGES[stage][1]
+        killed = attempts = 0
+        while killed < trials and attempts < trials + 3:  # a run that beat its kill is retried
+            attempts += 1
+            proc = start(project, stage)
+            try:
+                proc.wait(timeout=rng.uniform(0.2, 0.8) * seconds[stage])
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed += 1
+            for rel in outs:
+                assert_complete(project, rel, reference[rel])
+        kills += killed
+        finish(project, stage)  # a rerun completes
+        for rel in outs:
+            assert snapshot(project, rel) is not None, rel
+            assert_complete(project, rel, reference[rel])
+        if stage == "train":  # the uninterrupted run's adapter and curve, for the resume test
+            shutil.rmtree(project / "ref", ignore_errors=True)
+            shutil.copytree(project / "outputs/adapter", project / "ref/adapter")
+            shutil.copytree(project / "dvclive", project / "ref/live")
+    assert kills >= 10, f"only {kills} runs were killed before they finished"
+    leftovers = [p for p in project.rglob(".*.tmp-*")] + [p for p in project.rglob(".*.old-*")]
+    assert not leftovers, f"temporary siblings left after reruns: {leftovers}"
+
+
+def loss_curve(live: Path) -> list[tuple[int, float]]:
+    with (live / "plots" / "metrics" / "loss.tsv").open() as fh:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh, delimiter="\t")]
+
+
+def test_kill_9_during_train_then_resume(project):
+    """kill -9 at a random step; the rerun resumes and ends on the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    ref = project / "ref"
+    if not (ref / "adapter").is_dir():  # run alone: make the uninterrupted reference here
+        finish(project, "prepare")
+        finish(project, "train")
+        shutil.copytree(project / "outputs/adapter", ref / "adapter")
+        shutil.copytree(project / "dvclive", ref / "live")
+    ckpt_root = project / "outputs" / "checkpoints"
+    assert not ckpt_root.exists(), "a finished run removes its checkpoints"
+
+    at = random.Random(int(os.environ.get("KILL_SEED", time.time()))).randint(3, TRAIN_STEPS - 1)
+    proc = start(project, "train")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until DVCLive has logged `at` steps, then kill -9
+        tsv = list(ckpt_root.glob("*/dvclive/plots/metrics/loss.tsv"))
+        if tsv and len(tsv[0].read_text().splitlines()) - 1 >= at:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        assert proc.poll() is None, "train ended before the kill"
+        time.sleep(0.02)
+    proc.wait()
+    [run_dir] = list(ckpt_root.iterdir())
+    assert list(run_dir.glob("checkpoint-*")), f"no checkpoint after step {at}"
+
+    finish(project, "train")
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["steps"] == TRAIN_STEPS and 2 <= metrics["resumed_from_step"] <= at
+    a, b = load_file(ref / "adapter/adapter_model.safetensors"), load_file(project / "outputs/adapter/adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    resumed, reference = loss_curve(project / "dvclive"), loss_curve(ref / "live")
+    assert [s for s, _ in resumed] == list(range(TRAIN_STEPS)), "no repeated or lost step"
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
