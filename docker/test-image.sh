@@ -9,7 +9,11 @@ export CONTAINERS_CONF="$PWD/docker/containers.conf"
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian-bookworm-minbase:latest}
 IMAGE=${IMAGE:-localhost/finetune-recipes:cpu}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-WORK=${TEST_IMAGE_DIR:-$(mktemp -d /var/tmp/finetune-test-image.XXXXXX)}
+WORK=${TEST_IMAGE_DIR:-}
+if [[ -z "$WORK" ]]; then  # a scratch folder of our own: removed after a passing run (kept after a failure)
+  WORK=$(mktemp -d /var/tmp/finetune-test-image.XXXXXX)
+  OWN_WORK=1
+fi
 SHARED_DATA=$(realpath -m ../shared/data)
 log() { printf '[test-image %s] %s\n' "$(date +%T)" "$*"; }
 
@@ -82,3 +86,4 @@ print("heldout:", json.load(open(f"{ws}/metrics/heldout.json")))
 print("provenance:", block["image"], "|", block["hardware"])
 PY
 log "ok: $IMAGE@$DIGEST"
+[[ -n "${OWN_WORK:-}" ]] && rm -rf "$WORK"
