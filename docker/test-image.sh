@@ -86,4 +86,4 @@ print("heldout:", json.load(open(f"{ws}/metrics/heldout.json")))
 print("provenance:", block["image"], "|", block["hardware"])
 PY
 log "ok: $IMAGE@$DIGEST"
-[[ -n "${OWN_WORK:-}" ]] && rm -rf "$WORK"
+if [[ -n "${OWN_WORK:-}" ]]; then rm -rf "$WORK"; fi
