@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finetune.errors import FinetuneError
+from finetune.outputs import json_lines, write_jsonl
 from finetune.recipe import ModelSpec, Recipe
 
 Message = dict[str, str]
@@ -303,13 +304,7 @@ def read_requests(path: Path, raw: bool) -> list[dict[str, Any]]:
         raise FinetuneError(f"--input {path}: file not found")
     rows = []
     with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FinetuneError(f"{path}:{number}: not JSON ({err.msg} at column {err.colno})") from None
+        for number, row in json_lines(fh, path):
             ok_prompt = isinstance(row, dict) and isinstance(row.get("prompt"), str)
             ok_messages = (isinstance(row, dict) and isinstance(row.get("messages"), list) and not raw and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -396,8 +391,6 @@ def chat(recipe: Recipe, opts: Options) -> dict[str, Any]:
 def generate(recipe: Recipe, opts: Options, prompts: list[str], input_path: str | None,
              output_path: str | None, raw: bool) -> dict[str, Any] | None:
     """One-shot prompts: arguments stream to stdout; ``--input`` JSONL -> ``--output`` JSONL (atomic)."""
-    from finetune.outputs import write_jsonl
-
     if bool(prompts) == bool(input_path):
         raise FinetuneError("generate: give prompts as arguments or --input FILE.jsonl (not both, not neither)")
     if input_path and not output_path:

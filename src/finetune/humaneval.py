@@ -98,6 +98,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.outputs import json_lines
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,7 @@ def load_problems(path: str | os.PathLike[str] | None = None, limit: int | None 
     problems: dict[str, dict] = {}
     try:
         with (gzip.open(file, "rt", encoding="utf-8") if file.suffix == ".gz" else file.open(encoding="utf-8")) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    task = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FinetuneError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from None
+            for lineno, task in json_lines(fh, file):
                 if not isinstance(task, dict):
                     raise FinetuneError(f"{file}:{lineno}: expected a JSON object, got {type(task).__name__}")
                 missing = [key for key in REQUIRED_PROBLEM_KEYS if not isinstance(task.get(key), str)]
@@ -166,6 +161,9 @@ def load_problems(path: str | os.PathLike[str] | None = None, limit: int | None 
     return problems
 
 
+SAMPLE_HINT = '; write one {"task_id": ..., "completion": ...} object per line'
+
+
 def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """``{task_id, completion}`` rows of a samples JSONL file; a malformed line is one error naming it."""
     file = Path(path)
@@ -174,18 +172,10 @@ def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     samples = []
     try:
         with file.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FinetuneError(f"{file}:{lineno}: not valid JSON ({exc.msg}); write one "
-                                        '{"task_id": ..., "completion": ...} object per line') from None
+            for lineno, row in json_lines(fh, file, hint=SAMPLE_HINT):
                 bad = [k for k in ("task_id", "completion") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
                 if bad:
-                    raise FinetuneError(f"{file}:{lineno}: {' and '.join(bad)} missing or not a string; write one "
-                                        '{"task_id": ..., "completion": ...} object per line')
+                    raise FinetuneError(f"{file}:{lineno}: {' and '.join(bad)} missing or not a string{SAMPLE_HINT}")
                 samples.append(row)
     except UnicodeDecodeError as exc:
         raise FinetuneError(f"{file}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None

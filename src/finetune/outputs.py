@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from finetune.errors import FinetuneError
 
 
 def _alive(pid: int) -> bool:
@@ -111,3 +113,16 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def json_lines(lines: Iterable[str], name: str | Path, hint: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL stream; a line that is not JSON is a
+    one-line error naming ``name:line`` (``hint`` says what a line should hold)."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FinetuneError(f"{name}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}){hint}") from None
+        yield lineno, value

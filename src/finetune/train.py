@@ -69,16 +69,18 @@ def attention_kwargs(spec: TrainSpec, classify: bool = False) -> dict[str, str]:
     """
     from finetune import varlen
 
-    if spec.attention == "varlen" or (spec.attention == "auto" and packing_enabled(spec, classify)
-                                      and varlen.available()):
+    packed = packing_enabled(spec, classify)
+    if spec.attention == "auto":
+        return {"attn_implementation": varlen.register()} if packed and varlen.available() else {}
+    if spec.attention == "varlen":
         if not varlen.available():
             raise FinetuneError("train.attention: varlen needs CUDA and PyTorch >= 2.10 "
                                 "(torch.nn.attention.varlen); set train.attention: auto or sdpa")
-        if not packing_enabled(spec, classify):
+        if not packed:
             raise FinetuneError("train.attention: varlen takes packed, padding-free batches; "
                                 "set train.packing: true (or auto on CUDA) or train.attention: sdpa")
         return {"attn_implementation": varlen.register()}
-    return {} if spec.attention == "auto" else {"attn_implementation": spec.attention}
+    return {"attn_implementation": spec.attention}
 
 
 def _model_dtype(prec: str) -> torch.dtype:
@@ -188,16 +190,17 @@ def _accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
+def _tokenize_texts(split, tokenizer, max_length: int):
+    """A ``text_label`` split tokenized for the classifier (truncated to ``max_length``)."""
+    return split.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+                     batched=True, remove_columns=["text"])
+
+
 def _classification_trainer(recipe: Recipe, model, tokenizer, data: dict, kwargs: dict, callbacks: list):
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    max_length = recipe.train.max_length
-
-    def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=max_length)
-
-    tokenized = {k: v.map(tokenize, batched=True, remove_columns=["text"]) for k, v in data.items()}
+    tokenized = {k: _tokenize_texts(v, tokenizer, recipe.train.max_length) for k, v in data.items()}
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return Trainer(
@@ -343,9 +346,8 @@ def train(
         if eval_loss is not None:
             metrics["eval_loss"] = round(eval_loss, 6)
         if classify and "test" in data:
-            test = trainer.evaluate(eval_dataset=data["test"].map(
-                lambda b: tokenizer(b["text"], truncation=True, max_length=spec.max_length),
-                batched=True, remove_columns=["text"]), metric_key_prefix="test")
+            test = trainer.evaluate(eval_dataset=_tokenize_texts(data["test"], tokenizer, spec.max_length),
+                                    metric_key_prefix="test")
             metrics["test_accuracy"] = round(float(test["test_accuracy"]), 6)
         for config in getattr(trainer.model, "peft_config", {}).values():  # a set: saved in hash order otherwise
             if isinstance(config.target_modules, (set, frozenset)):
