@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import yaml
 
 from conftest import ROOT, recipe_dict
 from finetune.cli import main
+from finetune.distributed import free_port
 from finetune.serve import is_loopback
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, sse-starlette, ...) is not installed")
@@ -28,12 +28,6 @@ def params(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("params") / "params.yaml"
     path.write_text(yaml.safe_dump(recipe_dict("quickstart")))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_loopback_only_unless_allowed(params, capsys):
