@@ -135,3 +135,18 @@ def project_copy(dst: Path, model_dir: Path, env: dict) -> Path:
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "copy"], dst, env)
     return dst
+
+
+def live_curve(live: Path, name: str = "loss") -> list[tuple[int, float]]:
+    """(step, value) rows of a metric DVCLive logged under ``live``."""
+    import csv
+
+    with open(live / "plots" / "metrics" / f"{name}.tsv", encoding="utf-8") as fh:
+        return [(int(r["step"]), float(r[name])) for r in csv.DictReader(fh, delimiter="\t")]
+
+
+def adapter_tensors(adapter: Path) -> dict:
+    """The LoRA tensors of a saved PEFT adapter folder."""
+    from safetensors.torch import load_file
+
+    return load_file(adapter / "adapter_model.safetensors")

@@ -3,16 +3,14 @@ uninterrupted run ends (same adapter, same loss curve); changed params start fre
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from conftest import adapter_tensors, live_curve
 from test_train import ROWS, tiny_recipe
 from finetune import checkpoints
 from finetune.errors import FinetuneError
@@ -32,19 +30,10 @@ def prepared(tmp_path) -> Path:
     return write_prepared(tmp_path / "prepared")
 
 
-def adapter_tensors(adapter: Path) -> dict[str, torch.Tensor]:
-    return load_file(adapter / "adapter_model.safetensors")
-
-
 def max_diff(a: Path, b: Path) -> float:
     ta, tb = adapter_tensors(a), adapter_tensors(b)
     assert ta.keys() == tb.keys()
     return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
-
-
-def curve(live: Path, name: str = "loss") -> list[tuple[int, float]]:
-    with (live / "plots" / "metrics" / f"{name}.tsv").open() as fh:
-        return [(int(r["step"]), float(r[name])) for r in csv.DictReader(fh, delimiter="\t")]
 
 
 def run(recipe, prepared: Path, out: Path, ckpt_root: Path):
@@ -85,7 +74,7 @@ def test_sigterm_saves_then_rerun_resumes_to_the_same_adapter(tiny_llama, prepar
     metrics = run(recipe, prepared, out, root)
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == STEPS
     assert max_diff(out / "adapter", uninterrupted / "adapter") <= 1e-6
-    resumed, reference = curve(out / "live"), curve(uninterrupted / "live")
+    resumed, reference = live_curve(out / "live"), live_curve(uninterrupted / "live")
     assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(STEPS)), "no repeated or lost step"
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
     ref_metrics = json.loads((uninterrupted / "train.json").read_text())
@@ -135,7 +124,7 @@ def test_a_crash_after_the_last_step_resumes_without_an_extra_step(tiny_llama, p
         "no checkpoint of the last step"
     metrics = run(recipe, prepared, out, root)
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == STEPS
-    assert [s for s, _ in curve(out / "live")] == list(range(STEPS))
+    assert [s for s, _ in live_curve(out / "live")] == list(range(STEPS))
     assert max_diff(out / "adapter", uninterrupted / "adapter") <= 1e-6
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, recipe_dict
+from conftest import ROOT, adapter_tensors, live_curve, recipe_dict
 from finetune.outputs import write_jsonl
 from finetune.recipe import Recipe
 
@@ -41,17 +40,6 @@ def run_train(params: Path, data: Path, out: Path) -> dict:
     return json.loads((out / "train.json").read_text())
 
 
-def loss_curve(live: Path) -> list[tuple[int, float]]:
-    with open(live / "plots" / "metrics" / "loss.tsv", encoding="utf-8") as fh:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh, delimiter="\t")]
-
-
-def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(adapter / "adapter_model.safetensors")
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_with_double_batch(tiny_llama, tmp_path, monkeypatch):
     """2 x batch 4 (DDP over gloo, launched by `accelerate launch`) == 1 x batch 8, step for step."""
@@ -68,7 +56,7 @@ def test_two_gloo_processes_match_one_with_double_batch(tiny_llama, tmp_path, mo
     assert (single["num_processes"], double["num_processes"]) == (1, 2)
     assert single["steps"] == double["steps"] == 4
     assert double["tokens_seen"] == single["tokens_seen"], "the 2 processes together see the same tokens"
-    one, two = loss_curve(tmp_path / "one" / "live"), loss_curve(tmp_path / "two" / "live")
+    one, two = live_curve(tmp_path / "one" / "live"), live_curve(tmp_path / "two" / "live")
     assert [s for s, _ in one] == [s for s, _ in two] and len(one) == 4
     for (step, a), (_, b) in zip(one, two):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: 1 process {a}, 2 processes {b}"
@@ -77,7 +65,7 @@ def test_two_gloo_processes_match_one_with_double_batch(tiny_llama, tmp_path, mo
 
     # rank 0 alone wrote one ordinary PEFT adapter (no leftovers from rank 1), equal to the 1-process one
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "live", "train.json"]
-    w1, w2 = adapter_weights(tmp_path / "one" / "adapter"), adapter_weights(tmp_path / "two" / "adapter")
+    w1, w2 = adapter_tensors(tmp_path / "one" / "adapter"), adapter_tensors(tmp_path / "two" / "adapter")
     assert w1.keys() == w2.keys() and w1
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-5, msg=key)
@@ -98,7 +86,7 @@ def test_two_gloo_processes_qlora_match_one(tiny_llama, tmp_path, monkeypatch):
     run_train(write_params(tmp_path / "one.yaml", tiny_llama, 8, quant), data, tmp_path / "one")
     params = write_params(tmp_path / "two.yaml", tiny_llama, 4, quant, mode="ddp", num_processes=2)
     assert run_train(params, data, tmp_path / "two")["num_processes"] == 2
-    one, two = loss_curve(tmp_path / "one" / "live"), loss_curve(tmp_path / "two" / "live")
+    one, two = live_curve(tmp_path / "one" / "live"), live_curve(tmp_path / "two" / "live")
     assert len(one) == len(two) == 4
     for (step, a), (_, b) in zip(one, two):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: 1 process {a}, 2 processes {b}"
@@ -166,7 +154,7 @@ def test_fsdp2_sharded_lora_gathers_to_an_adapter_merge_loads(tiny_llama, tmp_pa
                     "--master_port", str(free_port()), worker, str(tiny_llama), str(sharded)],
                    check=True, capture_output=True, timeout=300)
     subprocess.run([sys.executable, worker, str(tiny_llama), str(ref)], check=True, capture_output=True, timeout=300)
-    w_sharded, w_ref = adapter_weights(sharded), adapter_weights(ref)
+    w_sharded, w_ref = adapter_tensors(sharded), adapter_tensors(ref)
     assert w_sharded.keys() == w_ref.keys() and len(w_ref) == 28  # 2 layers x 7 linears x (A, B)
     for key in w_ref:
         torch.testing.assert_close(w_sharded[key], w_ref[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -7,7 +7,6 @@ behind by every kill is checked against a complete run's outputs.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import recipe_dict
+from conftest import adapter_tensors, live_curve, recipe_dict
 
 pytestmark = pytest.mark.slow
 
@@ -136,15 +135,8 @@ def test_kill_each_stage_at_random_moments(project):
     assert not leftovers, f"temporary siblings left after reruns: {leftovers}"
 
 
-def loss_curve(live: Path) -> list[tuple[int, float]]:
-    with (live / "plots" / "metrics" / "loss.tsv").open() as fh:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh, delimiter="\t")]
-
-
 def test_kill_9_during_train_then_resume(project):
     """kill -9 at a random step; the rerun resumes and ends on the uninterrupted run's adapter."""
-    from safetensors.torch import load_file
-
     ref = project / "ref"
     if not (ref / "adapter").is_dir():  # run alone: make the uninterrupted reference here
         finish(project, "prepare")
@@ -171,8 +163,8 @@ def test_kill_9_during_train_then_resume(project):
     finish(project, "train")
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["steps"] == TRAIN_STEPS and 2 <= metrics["resumed_from_step"] <= at
-    a, b = load_file(ref / "adapter/adapter_model.safetensors"), load_file(project / "outputs/adapter/adapter_model.safetensors")
+    a, b = adapter_tensors(ref / "adapter"), adapter_tensors(project / "outputs/adapter")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    resumed, reference = loss_curve(project / "dvclive"), loss_curve(ref / "live")
+    resumed, reference = live_curve(project / "dvclive"), live_curve(ref / "live")
     assert [s for s, _ in resumed] == list(range(TRAIN_STEPS)), "no repeated or lost step"
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
