@@ -10,6 +10,7 @@ causal triangle. Registered with transformers' attention and mask interfaces; no
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -35,10 +36,13 @@ def _kernel():
     return varlen_attn
 
 
-def _causal_kwargs(fn) -> dict[str, Any]:
-    """The causal switch differs across PyTorch releases: ``is_causal`` or ``window_size=(-1, 0)``."""
+@functools.lru_cache(maxsize=None)
+def _kernel_options(fn) -> tuple[tuple[str, Any], bool]:
+    """What this PyTorch release's kernel takes, read once per kernel (not per layer call): the causal
+    switch (``is_causal`` or ``window_size=(-1, 0)``) and whether it has ``enable_gqa``."""
     params = inspect.signature(fn).parameters
-    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    causal = ("is_causal", True) if "is_causal" in params else ("window_size", (-1, 0))
+    return causal, "enable_gqa" in params
 
 
 def boundaries(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -67,9 +71,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], dim)
     fn = _kernel()
-    extra = _causal_kwargs(fn)
+    causal, has_gqa = _kernel_options(fn)
+    extra = dict([causal])
     if k.shape[1] != heads:  # grouped-query attention
-        if "enable_gqa" in inspect.signature(fn).parameters:
+        if has_gqa:
             extra["enable_gqa"] = True
         else:
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
