@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import statistics
 import time
@@ -50,8 +51,8 @@ DATASETS = {  # name: (recipe, raw file under ../shared/data, tokenizer)
 }
 # The tutorials' stack: QLoRA nf4 + gradient checkpointing, batch 4, group_by_length, pad to longest.
 TUTORIAL = dict(packing=False, group_by_length=True, gradient_checkpointing=True, batch_size=4, grad_accum=1,
-                liger="off", optimizer="paged_adamw_32bit")
-LEVERS = ("packing", "group_by_length", "gradient_checkpointing", "batch_size", "grad_accum", "liger",
+                liger="off", fused_lora=False, optimizer="paged_adamw_32bit")
+LEVERS = ("packing", "group_by_length", "gradient_checkpointing", "checkpoint_layers", "fused_lora", "batch_size", "grad_accum", "liger",
           "optimizer", "attention", "max_steps", "epochs", "warmup_steps", "warmup_ratio", "logging_steps")
 QLORA = {"mode": "4bit", "quant_type": "nf4", "double_quant": False, "compute_dtype": "bfloat16"}
 NO_QUANT = {"mode": "none"}
@@ -86,6 +87,17 @@ CASES = {
     "l3-alpaca-bf16-varlen-b3": ("llama3-8b", "alpaca", NO_QUANT, {"attention": "varlen", "batch_size": 3}, 12),
     "l3-alpaca-bf16-ckpt-b16-varlen": ("llama3-8b", "alpaca", NO_QUANT,
                                        {"attention": "varlen", "gradient_checkpointing": True, "batch_size": 16}, 10),
+    # third session: LoRA fused into addmm (train.fused_lora, on unless said), no PEFT fp32 input copies,
+    # expandable segments, and gradient checkpointing on only `checkpoint_layers` of the 32 layers
+    "l3-alpaca-bf16-unfused": ("llama3-8b", "alpaca", NO_QUANT, {"fused_lora": False}, 10),
+    "l3-alpaca-bf16-b6": ("llama3-8b", "alpaca", NO_QUANT, {"batch_size": 6}, 10),
+    "l3-alpaca-qlora-unfused": ("llama3-8b", "alpaca", QLORA, {"fused_lora": False}, 10),
+    **{f"l3-alpaca-qlora-ck{k}-b{b}": ("llama3-8b", "alpaca", QLORA,
+                                       {"gradient_checkpointing": True, "checkpoint_layers": k, "batch_size": b}, 10)
+       for k in (12, 16, 18, 20, 24) for b in (3, 4)},
+    **{f"l3-alpaca-qlora-ck{k}-b8": ("llama3-8b", "alpaca", QLORA,
+                                     {"gradient_checkpointing": True, "checkpoint_layers": k, "batch_size": 8}, 10)
+       for k in (24, 26, 28)},
     # loss curves on identical batches (random order, batch 4, seed 3407): tutorial levers vs ours
     "curve-tutorial": ("llama3-8b", "alpaca", QLORA, TUTORIAL | {"group_by_length": False}, 50),
     "curve-ours": ("llama3-8b", "alpaca", QLORA, {"packing": False, "optimizer": "adamw_torch_fused"}, 50),
@@ -317,15 +329,82 @@ def check_varlen() -> dict:
             "grad_rel_diff_sdpa_packed": float((grad_dense - grad_want).norm() / grad_want.norm())}
 
 
-def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> None:
-    """torch.profiler top CUDA ops over 2 steps after warm-up, as text."""
+KERNEL_KINDS = (  # (kind, substrings of the CUDA kernel name), first match wins
+    ("(annotation, not a kernel)", ("profilerstep", "optimizer.step")),
+    ("attention (flash varlen)", ("flash", "fmha")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitkreduce")),
+    ("4-bit dequantize (bnb)", ("dequantize",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("copy / dtype cast", ("copy", "cast", "memcpy", "memset")),
+    ("liger (triton)", ("rms_norm", "swiglu", "rope", "liger", "cross_entropy", "element_mul")),
+    ("other elementwise / reduce (aten)", ("elementwise", "reduce", "vectorized", "at::native")),
+)
+
+
+def check_fused() -> dict:
+    """finetune.fused_lora on the GPU with Liger's SwiGLU, bf16 autocast, fp32 adapters: loss and adapter
+    gradients of a 2-layer Llama-3-shaped LoRA model (8 packed rows of 1024 tokens), fused vs PEFT's own
+    forward, each against the same model in fp32 (the bf16 rounding both make)."""
+    import copy
+
+    import torch
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune import fused_lora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**(SHAPES["llama3-8b"] | {"num_hidden_layers": 2, "vocab_size": 4096}))
+    base = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    apply_liger_kernel_to_llama(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    ids = torch.randint(5, 4096, (8, 1024), device="cuda")
+    reference = copy.deepcopy(model).float()
+
+    def run(m, autocast: bool):
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    exact, exact_g = run(reference, False)
+    peft, peft_g = run(model, True)
+    changed = fused_lora.install(model)
+    fused, fused_g = run(model, True)
+
+    def off(grads):
+        return max(float((grads[n] - g).norm() / g.norm()) for n, g in exact_g.items())
+
+    return {"case": "fused-check", "modules_fused": changed, "loss_fp32": exact,
+            "loss_rel_diff_peft": abs(peft - exact) / exact, "loss_rel_diff_fused": abs(fused - exact) / exact,
+            "max_grad_rel_diff_peft": off(peft_g), "max_grad_rel_diff_fused": off(fused_g),
+            "max_grad_rel_diff_fused_vs_peft": max(float((fused_g[n] - g).norm() / g.norm())
+                                                   for n, g in peft_g.items())}
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> dict:
+    """CUDA kernels of 2 steps after warm-up (torch.profiler): time per kind of kernel, their sum per
+    step (compare with the case's unprofiled step time: the gap is the GPU waiting on the host), and
+    the top kernels. Written as text to ``out``; the summary is returned."""
     from torch.profiler import ProfilerActivity, profile, schedule
     from transformers import TrainerCallback
 
     from finetune import train as train_mod
 
+    active = 2
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                   schedule=schedule(wait=0, warmup=WARMUP, active=2, repeat=1))
+                   schedule=schedule(wait=0, warmup=WARMUP, active=active, repeat=1))
 
     class Step(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -338,16 +417,31 @@ def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> No
             prof.stop()
 
     shape, dataset, quant, overrides, _ = CASES[name]
-    CASES[name] = (shape, dataset, quant, overrides, WARMUP + 2)
+    CASES[name] = (shape, dataset, quant, overrides, WARMUP + active)
     orig_train = train_mod.train
     train_mod.train = lambda *a, callbacks=None, **k: orig_train(*a, callbacks=[*(callbacks or []), Step()], **k)
     try:
-        run_case(name, data, ckpt, work, 1.0)
+        row = run_case(name, data, ckpt, work, 1.0)
     finally:
         train_mod.train = orig_train
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    out.write_text(table)
-    print(table, flush=True)
+    from torch.autograd import DeviceType
+
+    kinds: dict[str, float] = {}
+    for event in prof.events():  # kernels only: CPU ops carry their kernels' time too
+        if event.device_type == DeviceType.CUDA:
+            kind = kernel_kind(event.name)
+            kinds[kind] = kinds.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3 / active
+    kinds.pop("(annotation, not a kernel)", None)
+    busy = sum(kinds.values())
+    summary = {"case": f"profile:{name}", "layers": ckpt.name, "tokens_per_step": row["tokens_per_step"],
+               "profiled_wall_ms_per_step": round(sum(row["step_seconds"][-active:]) * 1e3 / active, 1),
+               "kernel_ms_per_step": round(busy, 1),
+               "kernel_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+    lines = [json.dumps(summary, indent=1), "",
+             prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)]
+    out.write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    return summary
 
 
 def main() -> None:
@@ -369,14 +463,17 @@ def main() -> None:
     if args.cmd == "prepare":
         prepare_data(Path(args.vocab_dir), Path(args.shared), Path(args.out))
         return
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the CLI sets it
     import torch
 
     data, out = Path(args.data), Path(args.out)
     peak = matmul_peak_tflops()
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "matmul_peak_tflops": round(peak, 1),
                       "torch": torch.__version__}), flush=True)
-    if any(CASES[c][3].get("attention") == "varlen" for c in args.cases.split(",") if c):
-        row = check_varlen()
+    checks = [check_fused] + [check_varlen] * any(CASES[c][3].get("attention") == "varlen"
+                                                  for c in args.cases.split(",") if c)
+    for check in checks:
+        row = check()
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -404,7 +501,10 @@ def main() -> None:
     for name in [c for c in args.profile.split(",") if c]:
         ckpt = build_checkpoint(CASES[name][0], data, Path(args.ckpt_root) / f"{CASES[name][0]}-{args.layers}",
                                 args.layers)
-        profile_case(name, data, ckpt, Path("/tmp/bench-work") / f"prof-{name}", out.parent / f"profile-{name}.txt")
+        summary = profile_case(name, data, ckpt, Path("/tmp/bench-work") / f"prof-{name}",
+                               out.parent / f"profile-{name}.{args.layers}layers.txt")
+        with out.open("a") as f:
+            f.write(json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,10 @@ CASES = [
     Case("cuda-oom", TRAIN, r"train: out of memory.*lower train.batch_size.*train.gradient_checkpointing.*train.packing",
          setup=_oom),
     Case("disk-full", TRAIN, r"adapter_model.safetensors: no space left on device.*free disk space", setup=_disk_full),
+    Case("checkpoint-layers-without-checkpointing", TRAIN, r"train.checkpoint_layers is 4 but "
+         r"train.gradient_checkpointing is false; set gradient_checkpointing: true", params={"train": {"checkpoint_layers": 4}}),
+    Case("checkpoint-layers-too-many", TRAIN, r"train.checkpoint_layers is 99 but the model has \d+ decoder layers",
+         params={"train": {"gradient_checkpointing": True, "checkpoint_layers": 99}}),
     # merge, quantize, eval, heldout
     Case("merge-without-adapter", ["merge", "--adapter", "outputs/none"],
          r"outputs/none/adapter_config.json: missing; run the train stage first"),

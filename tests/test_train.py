@@ -109,3 +109,89 @@ def test_nan_loss_is_one_line_error(tiny_llama, prepared, tmp_path):
     with pytest.raises(FinetuneError, match="learning_rate"):
         train(recipe, prepared, tmp_path / "adapter", tmp_path / "m.json", live_dir=None)
     assert not (tmp_path / "adapter").exists(), "no adapter is written for a diverged run"
+
+
+def _trained(recipe, prepared, tmp_path, name) -> tuple[dict, list[bool]]:
+    """Train; return the metrics and which decoder layers were checkpointed during training."""
+    from transformers import TrainerCallback
+
+    from finetune import fused_lora
+    from finetune.train import train
+
+    flags: list[bool] = []
+
+    class Flags(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if not flags:
+                flags.extend(layer.gradient_checkpointing for layer in model.get_base_model().model.layers)
+                fused = [getattr(layer.mlp.forward, "__func__", None) is fused_lora._mlp_forward
+                         for layer in model.get_base_model().model.layers]
+                # in place for the steps; an MLP only where its layer keeps activations (not checkpointed)
+                assert fused == [recipe.train.fused_lora and not ckpt for ckpt in flags]
+
+    metrics = train(recipe, prepared, tmp_path / name, tmp_path / f"{name}.json", live_dir=None,
+                    callbacks=[Flags()], checkpoint_dir=tmp_path / f"{name}-ckpt")
+    return metrics, flags
+
+
+def test_checkpoint_layers(tiny_llama, prepared, tmp_path):
+    """checkpoint_layers: 1 of 2 layers recomputes, the other keeps its activations; the losses are those
+    of no checkpointing."""
+    plain, plain_flags = _trained(tiny_recipe(tiny_llama), prepared, tmp_path, "plain")
+    full, full_flags = _trained(tiny_recipe(tiny_llama, gradient_checkpointing=True, fused_lora=False),
+                                prepared, tmp_path, "full")
+    half, half_flags = _trained(tiny_recipe(tiny_llama, gradient_checkpointing=True, checkpoint_layers=1),
+                                prepared, tmp_path, "half")
+    assert plain_flags == [False, False] and full_flags == [True, True] and half_flags == [False, True]
+    for metrics in (full, half):  # (full also runs PEFT's own forward: the fused one agrees to rounding)
+        assert metrics["train_loss"] == pytest.approx(plain["train_loss"], abs=1e-5)
+        assert metrics["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-5)
+
+
+def test_checkpoint_layers_needs_checkpointing(tiny_llama, prepared, tmp_path):
+    from pydantic import ValidationError
+
+    from finetune.errors import FinetuneError
+    from finetune.recipe import TrainSpec
+    from finetune.train import train
+
+    with pytest.raises(ValidationError, match="checkpoint_layers is 2 but train.gradient_checkpointing is false"):
+        TrainSpec(checkpoint_layers=2)
+    recipe = tiny_recipe(tiny_llama, gradient_checkpointing=True, checkpoint_layers=3)
+    with pytest.raises(FinetuneError, match="checkpoint_layers is 3 but the model has 2 decoder layers"):
+        train(recipe, prepared, tmp_path / "a", tmp_path / "m.json", live_dir=None)
+
+
+def test_autocast_inputs_skip_fp32_copies(tiny_llama):
+    """Under bf16 autocast, LoRA layers give the same output without PEFT's fp32 copy of their input, and
+    backward keeps fewer bytes (q/k/v and gate/up share one input instead of a copy each); in fp32 the
+    switch is off."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.train import _autocast_inputs
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    ids = torch.randint(0, 100, (2, 16))
+
+    def run() -> tuple[torch.Tensor, int]:
+        saved: dict[int, int] = {}  # storage -> bytes: what backward really holds
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(input_ids=ids).logits
+        return logits.detach(), sum(saved.values())
+
+    want, bytes_cast = run()
+    with _autocast_inputs(model, "bf16"):
+        got, bytes_plain = run()
+    assert torch.equal(got, want)
+    assert bytes_plain < bytes_cast
+    with _autocast_inputs(model, "fp32"):
+        assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))

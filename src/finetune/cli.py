@@ -16,6 +16,12 @@ from pathlib import Path
 
 from finetune.errors import FinetuneError
 
+# CUDA's caching allocator grows segments in place instead of stranding freed blocks: on an H100 it
+# kept Llama-3-8B training's reserved memory at its allocated peak (53 vs 76 GiB) and ran 2% faster
+# (bench/README.md). Read once, when torch first touches CUDA, so it is set before anything imports torch.
+if "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 
 def _recipe(args: argparse.Namespace):
     from finetune.recipe import load_recipe

@@ -100,6 +100,13 @@ class TrainSpec(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    checkpoint_layers: int | None = Field(
+        None, ge=1, description="With gradient_checkpointing: how many decoder layers recompute their activations "
+        "in backward, spread evenly (None: all); the others keep them, which gives memory back for speed"
+    )
+    fused_lora: bool = Field(
+        True, description="Add the LoRA update inside the adapter's matmul (finetune.fused_lora); false: PEFT's forward"
+    )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Eval-loss interval; None: at the end only")
@@ -115,6 +122,9 @@ class TrainSpec(_Section):
 
     @model_validator(mode="after")
     def _levers(self) -> TrainSpec:
+        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
+            raise ValueError(f"train.checkpoint_layers is {self.checkpoint_layers} but train.gradient_checkpointing "
+                             "is false; set gradient_checkpointing: true or checkpoint_layers: null")
         if self.packing is True and self.group_by_length:
             raise ValueError("train.packing and train.group_by_length are both true: packing already bins rows "
                              "by length; set group_by_length: false")

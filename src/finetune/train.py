@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from finetune import checkpoints, distributed
+from finetune import checkpoints, distributed, fused_lora
 from finetune.errors import FinetuneError
 from finetune.models import load_model, load_tokenizer
 from finetune.outputs import atomic_dir, read_jsonl, write_json
@@ -240,6 +240,44 @@ def _last(history: list[dict], key: str) -> float | None:
     return values[-1] if values else None
 
 
+def _model_levers(model, spec: TrainSpec):
+    """A callback that sets the levers living on the model's modules once ``Trainer.train`` has set up the
+    model (Liger's patches, gradient checkpointing on every layer): the fused LoRA forward
+    (``train.fused_lora``) and checkpointing on only ``train.checkpoint_layers`` decoder layers, spread evenly."""
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    count = spec.checkpoint_layers
+    if count is not None and count > len(layers):
+        raise FinetuneError(f"train.checkpoint_layers is {count} but the model has {len(layers)} decoder layers; "
+                            f"set it to at most {len(layers)} (or null: all)")
+
+    class ModelLevers(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if count is not None:
+                for i, layer in enumerate(layers):
+                    layer.gradient_checkpointing = (i + 1) * count // len(layers) > i * count // len(layers)
+            if spec.fused_lora:
+                recomputed = [getattr(layer, "mlp", None) for layer in layers if layer.gradient_checkpointing]
+                fused_lora.install(model, keep_mlps=[m for m in recomputed if m is not None])
+
+    return ModelLevers()
+
+
+def _autocast_inputs(model, prec: str):
+    """Under bf16/fp16 autocast, stop PEFT from copying every LoRA layer's input to the adapters' fp32.
+
+    PEFT keeps adapters in fp32 and casts each LoRA layer's input to it; autocast then casts it back
+    for the matmul, so the round trip changes no value but costs two copies of every projection's
+    input per step, one of them kept for backward (measured in bench/README.md). 4-bit layers
+    already skip it under autocast. A no-op in fp32.
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=prec in ("bf16", "fp16"))
+
+
 @contextmanager
 def _resource_errors(spec: TrainSpec, where: str | Path) -> Iterator[None]:
     """Out of memory and a full disk become one line that says what to change."""
@@ -309,15 +347,17 @@ def train(
         trainer = build(recipe, model, tokenizer, {k: v for k, v in data.items() if k != "test"},
                         kwargs, hooks + list(callbacks or []))
         distributed.check_backend(recipe, trainer)
+        trainer.add_callback(_model_levers(trainer.model, spec))
         trainable, total = trainer.model.get_nb_trainable_parameters()
         start = time.perf_counter()
-        with stop.installed(), _resource_errors(spec, run):
+        with stop.installed(), _resource_errors(spec, run), _autocast_inputs(trainer.model, prec):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - start
         history = trainer.state.log_history
         checkpoints.raise_if_stopped(guard, stop, trainer.state.global_step, trainer.state.max_steps, run,
                                      spec.learning_rate)
-        eval_loss = float(trainer.evaluate()["eval_loss"]) if "eval" in data else None
+        with _autocast_inputs(trainer.model, prec):
+            eval_loss = float(trainer.evaluate()["eval_loss"]) if "eval" in data else None
         logged = [h["loss"] for h in history if "loss" in h] + [result.training_loss]
         bad = next((x for x in [*logged, eval_loss] if x is not None and not math.isfinite(x)), None)
         if bad is not None:

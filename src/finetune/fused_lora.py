@@ -1,0 +1,139 @@
+"""LoRA layers that add their update inside the adapter's second matmul (``addmm``).
+
+PEFT computes a LoRA layer as ``result + lora_B(lora_A(x)) * scaling`` (and, for 4-bit layers,
+clones ``result`` first): besides the two thin matmuls, that is four to five full passes over an
+output-sized tensor per layer per step (clone, lora_B's output, the scaling, the sum), and as many
+again in backward. ``torch.addmm(result, lora_A(x), B^T, alpha=scaling)`` does the scaling and the
+sum in the GEMM's epilogue: one read of ``result``, one write. Same parameters, same adapter files;
+the value differs only by rounding (one rounding instead of three). Measured in bench/README.md.
+
+Only the plain case is fused: one active adapter, no dropout, no DoRA/variant, no LoRA bias, not
+merged. Anything else (and a dtype mix that autocast would not resolve) takes PEFT's own forward.
+
+SwiGLU MLPs (Llama, Mistral, Qwen: ``down(silu(gate(x)) * up(x))``) whose down projection is such a
+layer also stop keeping ``silu(gate) * up`` for backward: ``lora_A`` of the down projection needs it
+for its gradient, but it is two elementwise ops away from ``gate`` and ``up``, which backward keeps
+anyway, so it is recomputed there. That is a fifth of a decoder layer's saved activations.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def _plain(layer: torch.nn.Module) -> bool:
+    """A vanilla LoRA layer whose adapters can be folded into one ``addmm``."""
+    adapters = list(getattr(layer, "lora_A", {}).keys())
+    if len(adapters) != 1 or getattr(layer, "lora_variant", {}):
+        return False
+    name = adapters[0]
+    return (isinstance(layer.lora_dropout[name], torch.nn.Identity)
+            and layer.lora_B[name].bias is None
+            and isinstance(layer.lora_A[name], torch.nn.Linear))
+
+
+def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    active = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A:
+        return self._peft_forward(x, *args, **kwargs)  # adapter_names, variant arguments, ...
+    name = active[0]
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not autocast and not (x.dtype == a.dtype == b.dtype):
+        return self._peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    if not autocast and result.dtype != b.dtype:
+        return self._peft_forward(x, *args, **kwargs)
+    h = torch.nn.functional.linear(x, a)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
+def _liger_swiglu():
+    """Liger's SwiGLU kernels (one pass each way, backward in place), or None off CUDA / without Liger."""
+    try:
+        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+    except ImportError:
+        return None
+    return swiglu_forward, swiglu_backward
+
+
+class _SwiGLULoraA(torch.autograd.Function):
+    """``p = silu(gate) * up`` and ``h = p @ A^T``, keeping ``gate``, ``up`` and ``A`` (not ``p``) for backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor):
+        liger = _liger_swiglu() if gate.is_cuda else None
+        with torch.autocast(gate.device.type, enabled=False):
+            product = liger[0](gate, up)[2] if liger else torch.nn.functional.silu(gate) * up
+            h = product @ a.to(product.dtype).t()
+        ctx.save_for_backward(gate, up, a)
+        ctx.liger = liger
+        return product, h
+
+    @staticmethod
+    def backward(ctx, grad_product: torch.Tensor | None, grad_h: torch.Tensor):
+        gate, up, a = ctx.saved_tensors
+        liger = ctx.liger
+        silu = None if liger else torch.nn.functional.silu(gate)
+        product = liger[0](gate, up)[2] if liger else silu * up
+        w = a.to(product.dtype)
+        grad_a = (grad_h.reshape(-1, grad_h.shape[-1]).t() @ product.reshape(-1, product.shape[-1])).to(a.dtype)
+        del product
+        grad_p = grad_h @ w if grad_product is None else torch.addmm(
+            grad_product.reshape(-1, w.shape[1]), grad_h.reshape(-1, w.shape[0]), w).view(gate.shape)
+        if liger:  # gradients written over gate and up, which nothing needs any more
+            grad_gate, grad_up = liger[1](gate, up, grad_p.view(gate.shape))
+            return grad_gate, grad_up, grad_a
+        return torch.ops.aten.silu_backward(grad_p * up, gate), grad_p * silu, grad_a
+
+
+def _swiglu(mlp: torch.nn.Module) -> bool:
+    """A gate/up/down SiLU MLP whose down projection is a plain LoRA layer."""
+    act = getattr(getattr(mlp, "config", None), "hidden_act", None) or getattr(mlp, "act_fn", None)
+    silu = act in ("silu", "swish") or isinstance(act, torch.nn.SiLU)
+    return silu and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and _plain(mlp.down_proj)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    down = self.down_proj
+    active = down.active_adapters
+    if down.disable_adapters or down.merged or len(active) != 1 or active[0] not in down.lora_A:
+        return self._unfused_forward(x)
+    name = active[0]
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if torch.is_autocast_enabled(x.device.type):  # what autocast would have made of the down input
+        dtype = torch.get_autocast_dtype(x.device.type)
+        gate, up = gate.to(dtype), up.to(dtype)
+    product, h = _SwiGLULoraA.apply(gate, up, down.lora_A[name].weight)
+    result = down.base_layer(product)
+    b = down.lora_B[name].weight
+    with torch.autocast(x.device.type, enabled=False):
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                          b.to(result.dtype).t(), alpha=down.scaling[name])
+    return out.view(result.shape)
+
+
+def install(model: torch.nn.Module, keep_mlps: Iterable[torch.nn.Module] = ()) -> int:
+    """Give every plain LoRA layer of ``model`` the fused forward, and every SwiGLU MLP around one (except
+    ``keep_mlps``: those of checkpointed layers, which keep nothing anyway) the recomputed down input;
+    per instance. Returns how many modules changed."""
+    count = 0
+    keep = {id(m) for m in keep_mlps}
+    for module in list(model.modules()):
+        if getattr(module.forward, "__func__", None) in (_forward, _mlp_forward) or id(module) in keep:
+            continue  # already ours (another patch, e.g. Liger's at Trainer.train, gets replaced again)
+        if _plain(module) and hasattr(module, "base_layer"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_forward, module)
+            count += 1
+        elif _swiglu(module):
+            module._unfused_forward = module.forward
+            module.forward = types.MethodType(_mlp_forward, module)
+            count += 1
+    return count

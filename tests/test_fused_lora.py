@@ -1,0 +1,147 @@
+"""finetune.fused_lora: the addmm LoRA forward equals PEFT's, in values and gradients, or is not used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune import fused_lora
+
+
+def _peft_model(model_dir, dtype=torch.float32, **lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(**({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} | lora)))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero, which would hide any difference
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def _run(model, ids, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits.float()
+    logits.square().mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def test_same_values_and_gradients_fp32(tiny_llama):
+    model = _peft_model(tiny_llama)
+    ids = torch.randint(0, 200, (2, 24))
+    want, want_grads = _run(model, ids)
+    assert fused_lora.install(model) == 2 * 8, "q, k, v, o, gate, up, down and the MLP in both layers"
+    got, got_grads = _run(model, ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) == 2 * 2 * 7
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-6, rtol=1e-4), name
+    with model.disable_adapter(), torch.no_grad():  # the fallback: PEFT's own forward, i.e. the base model
+        base = model(input_ids=ids).logits.float()
+    assert not torch.allclose(base, want, atol=1e-3)
+
+
+def test_bf16_autocast_no_less_accurate(tiny_llama):
+    """bf16 base, fp32 adapters, autocast (the training setup on a GPU): against an fp32 run of the same
+    weights, the fused forward's logits and gradients are no further off than PEFT's own."""
+    import copy
+
+    model = _peft_model(tiny_llama, dtype=torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    ids = torch.randint(0, 200, (2, 24))
+    exact, exact_grads = _run(reference, ids)
+    peft, peft_grads = _run(model, ids, autocast=True)
+    fused_lora.install(model)
+    got, got_grads = _run(model, ids, autocast=True)
+    assert (got - exact).norm() <= 1.5 * (peft - exact).norm()
+
+    def off(grads: dict[str, torch.Tensor]) -> torch.Tensor:  # relative error of each adapter gradient
+        return torch.stack([(grads[n] - g).norm() / g.norm() for n, g in exact_grads.items()])
+
+    assert off(got_grads).mean() <= 1.5 * off(peft_grads).mean()
+    assert off(got_grads).max() < 0.1, "every gradient within bf16 rounding of the fp32 one"
+
+
+def test_4bit_layers(tiny_llama):
+    """QLoRA: bitsandbytes 4-bit base layers (its CPU backend)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quant, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    ids = torch.randint(0, 200, (2, 24))
+    want, want_grads = _run(model, ids)
+    assert fused_lora.install(model) == 2 * 8
+    assert type(model.base_model.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    got, got_grads = _run(model, ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("lora", [{"lora_dropout": 0.1}, {"use_dora": True}, {"lora_bias": True}])
+def test_other_lora_kinds_keep_peft_forward(tiny_llama, lora):
+    model = _peft_model(tiny_llama, **lora)
+    assert fused_lora.install(model) == 0
+
+
+def test_install_twice_is_a_no_op(tiny_llama):
+    model = _peft_model(tiny_llama)
+    assert fused_lora.install(model) == 16
+    assert fused_lora.install(model) == 0
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd keeps for backward."""
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(input_ids=ids)
+    return sum(saved.values())
+
+
+def test_mlp_keeps_less_for_backward(tiny_llama):
+    """Of the MLP's intermediate-sized activations only gate(x) and up(x) are kept: the plain model also
+    keeps silu(gate) (for the product's backward) and the product (for down's lora_A); with Liger's
+    SwiGLU on a GPU the first is already gone, the second is what this saves."""
+    model = _peft_model(tiny_llama)
+    ids = torch.randint(0, 200, (2, 24))
+    before = _saved_bytes(model, ids)
+    fused_lora.install(model)
+    after = _saved_bytes(model, ids)
+    cfg = model.config
+    intermediate = ids.numel() * cfg.intermediate_size * 4  # one fp32 tensor of that size
+    assert before - after == 2 * intermediate * cfg.num_hidden_layers
+
+
+def test_mlp_without_lora_on_down_is_left_alone(tiny_llama):
+    model = _peft_model(tiny_llama, target_modules=["q_proj", "gate_proj", "up_proj"])
+    assert fused_lora.install(model) == 2 * 3
+    assert not any(hasattr(m, "_unfused_forward") for m in model.modules())
+
+
+def test_reinstall_after_another_patch(tiny_llama):
+    """Liger binds its own MLP forward when Trainer.train starts; installing again puts ours back on top."""
+    import types
+
+    model = _peft_model(tiny_llama)
+    fused_lora.install(model)
+    mlp = model.base_model.model.model.layers[0].mlp
+    foreign = types.MethodType(lambda self, x: self.down_proj(torch.nn.functional.silu(self.gate_proj(x))
+                                                             * self.up_proj(x)), mlp)
+    mlp.forward = foreign
+    assert fused_lora.install(model) == 1
+    assert mlp.forward.__func__ is fused_lora._mlp_forward and mlp._unfused_forward is foreign
