@@ -150,3 +150,18 @@ def adapter_tensors(adapter: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(adapter / "adapter_model.safetensors")
+
+
+def saved_bytes(forward) -> tuple[Any, int]:
+    """Run ``forward()``; return its result and the bytes of the distinct storages autograd keeps for backward."""
+    import torch
+
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = forward()
+    return out, sum(saved.values())

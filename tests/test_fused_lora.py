@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import saved_bytes
 from finetune import fused_lora
 
 
@@ -100,28 +101,15 @@ def test_install_twice_is_a_no_op(tiny_llama):
     assert fused_lora.install(model) == 0
 
 
-def _saved_bytes(model, ids) -> int:
-    """Bytes of the distinct storages autograd keeps for backward."""
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model(input_ids=ids)
-    return sum(saved.values())
-
-
 def test_mlp_keeps_less_for_backward(tiny_llama):
     """Of the MLP's intermediate-sized activations only gate(x) and up(x) are kept: the plain model also
     keeps silu(gate) (for the product's backward) and the product (for down's lora_A); with Liger's
     SwiGLU on a GPU the first is already gone, the second is what this saves."""
     model = _peft_model(tiny_llama)
     ids = torch.randint(0, 200, (2, 24))
-    before = _saved_bytes(model, ids)
+    _, before = saved_bytes(lambda: model(input_ids=ids))
     fused_lora.install(model)
-    after = _saved_bytes(model, ids)
+    _, after = saved_bytes(lambda: model(input_ids=ids))
     cfg = model.config
     intermediate = ids.numel() * cfg.intermediate_size * 4  # one fp32 tensor of that size
     assert before - after == 2 * intermediate * cfg.num_hidden_layers

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import recipe_dict
+from conftest import recipe_dict, saved_bytes
 from finetune.outputs import write_jsonl
 from finetune.recipe import Recipe
 
@@ -177,16 +177,9 @@ def test_autocast_inputs_skip_fp32_copies(tiny_llama):
     ids = torch.randint(0, 100, (2, 16))
 
     def run() -> tuple[torch.Tensor, int]:
-        saved: dict[int, int] = {}  # storage -> bytes: what backward really holds
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(input_ids=ids).logits
-        return logits.detach(), sum(saved.values())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, kept = saved_bytes(lambda: model(input_ids=ids).logits)
+        return logits.detach(), kept
 
     want, bytes_cast = run()
     with _autocast_inputs(model, "bf16"):
