@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import shutil
 import statistics
 import time
@@ -52,8 +51,9 @@ DATASETS = {  # name: (recipe, raw file under ../shared/data, tokenizer)
 # The tutorials' stack: QLoRA nf4 + gradient checkpointing, batch 4, group_by_length, pad to longest.
 TUTORIAL = dict(packing=False, group_by_length=True, gradient_checkpointing=True, batch_size=4, grad_accum=1,
                 liger="off", fused_lora=False, optimizer="paged_adamw_32bit")
-LEVERS = ("packing", "group_by_length", "gradient_checkpointing", "checkpoint_layers", "fused_lora", "batch_size", "grad_accum", "liger",
-          "optimizer", "attention", "max_steps", "epochs", "warmup_steps", "warmup_ratio", "logging_steps")
+LEVERS = ("packing", "group_by_length", "gradient_checkpointing", "checkpoint_layers", "fused_lora", "batch_size",
+          "grad_accum", "liger", "optimizer", "attention", "max_steps", "epochs", "warmup_steps", "warmup_ratio",
+          "logging_steps")
 QLORA = {"mode": "4bit", "quant_type": "nf4", "double_quant": False, "compute_dtype": "bfloat16"}
 NO_QUANT = {"mode": "none"}
 # name: (shape, dataset, quant, train overrides on top of the schema defaults, steps)
@@ -267,7 +267,8 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float) 
     tokens = sum(s["tokens"] for s in timed)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tok_s = tokens / seconds
-    del trainer, holder
+    del trainer
+    holder.clear()  # the trainer holds the model: let the next case have the GPU memory
     torch.cuda.empty_cache()
     return {
         "case": name, "shape": shape, "dataset": dataset, "quant": quant["mode"],
@@ -329,18 +330,6 @@ def check_varlen() -> dict:
             "grad_rel_diff_sdpa_packed": float((grad_dense - grad_want).norm() / grad_want.norm())}
 
 
-KERNEL_KINDS = (  # (kind, substrings of the CUDA kernel name), first match wins
-    ("(annotation, not a kernel)", ("profilerstep", "optimizer.step")),
-    ("attention (flash varlen)", ("flash", "fmha")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitkreduce")),
-    ("4-bit dequantize (bnb)", ("dequantize",)),
-    ("optimizer", ("multi_tensor_apply", "adam")),
-    ("copy / dtype cast", ("copy", "cast", "memcpy", "memset")),
-    ("liger (triton)", ("rms_norm", "swiglu", "rope", "liger", "cross_entropy", "element_mul")),
-    ("other elementwise / reduce (aten)", ("elementwise", "reduce", "vectorized", "at::native")),
-)
-
-
 def check_fused() -> dict:
     """finetune.fused_lora on the GPU with Liger's SwiGLU, bf16 autocast, fp32 adapters: loss and adapter
     gradients of a 2-layer Llama-3-shaped LoRA model (8 packed rows of 1024 tokens), fused vs PEFT's own
@@ -378,14 +367,25 @@ def check_fused() -> dict:
     changed = fused_lora.install(model)
     fused, fused_g = run(model, True)
 
-    def off(grads):
-        return max(float((grads[n] - g).norm() / g.norm()) for n, g in exact_g.items())
+    def off(grads, ref):  # largest relative difference over the adapter gradients
+        return max(float((grads[n] - g).norm() / g.norm()) for n, g in ref.items())
 
     return {"case": "fused-check", "modules_fused": changed, "loss_fp32": exact,
             "loss_rel_diff_peft": abs(peft - exact) / exact, "loss_rel_diff_fused": abs(fused - exact) / exact,
-            "max_grad_rel_diff_peft": off(peft_g), "max_grad_rel_diff_fused": off(fused_g),
-            "max_grad_rel_diff_fused_vs_peft": max(float((fused_g[n] - g).norm() / g.norm())
-                                                   for n, g in peft_g.items())}
+            "max_grad_rel_diff_peft": off(peft_g, exact_g), "max_grad_rel_diff_fused": off(fused_g, exact_g),
+            "max_grad_rel_diff_fused_vs_peft": off(fused_g, peft_g)}
+
+
+KERNEL_KINDS = (  # (kind, substrings of the CUDA kernel name), first match wins
+    ("(annotation, not a kernel)", ("profilerstep", "optimizer.step")),
+    ("attention (flash varlen)", ("flash", "fmha")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitkreduce")),
+    ("4-bit dequantize (bnb)", ("dequantize",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("copy / dtype cast", ("copy", "cast", "memcpy", "memset")),
+    ("liger (triton)", ("rms_norm", "swiglu", "rope", "liger", "cross_entropy", "element_mul")),
+    ("other elementwise / reduce (aten)", ("elementwise", "reduce", "vectorized", "at::native")),
+)
 
 
 def kernel_kind(name: str) -> str:
@@ -444,6 +444,11 @@ def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> di
     return summary
 
 
+def append_row(out: Path, row: dict) -> None:
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -463,7 +468,9 @@ def main() -> None:
     if args.cmd == "prepare":
         prepare_data(Path(args.vocab_dir), Path(args.shared), Path(args.out))
         return
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the CLI sets it
+    from finetune.cli import cuda_allocator_default
+
+    cuda_allocator_default()  # as the stage gets it from the CLI, before torch touches CUDA
     import torch
 
     data, out = Path(args.data), Path(args.out)
@@ -474,8 +481,7 @@ def main() -> None:
                                                   for c in args.cases.split(",") if c)
     for check in checks:
         row = check()
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(out, row)
         print(json.dumps(row), flush=True)
     names = [c for c in args.cases.split(",") if c]
     names.sort(key=lambda c: CASES[c][0], reverse=True)  # one checkpoint build per shape
@@ -493,8 +499,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         row |= {"layers": args.layers, "wall_s": round(time.perf_counter() - start, 1),
                 "gpu": torch.cuda.get_device_name(0)}
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(out, row)
         short = {k: row.get(k) for k in ("case", "useful_tok_s", "step_s_median", "tokens_per_step",
                                          "peak_alloc_gib", "mfu", "wall_s", "error")}
         print(json.dumps(short), flush=True)
@@ -503,8 +508,7 @@ def main() -> None:
                                 args.layers)
         summary = profile_case(name, data, ckpt, Path("/tmp/bench-work") / f"prof-{name}",
                                out.parent / f"profile-{name}.{args.layers}layers.txt")
-        with out.open("a") as f:
-            f.write(json.dumps(summary) + "\n")
+        append_row(out, summary)
 
 
 if __name__ == "__main__":
