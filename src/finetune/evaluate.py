@@ -1,7 +1,7 @@
 """Stage ``eval``: score the base model, the merged fine-tuned model and every GGUF side by side.
 
 Benchmarks: lm-eval tasks (``eval.tasks``, offline YAMLs in ``eval/tasks/``) and HumanEval
-(``eval.humaneval_limit`` problems; generated code runs in the sandbox of :mod:`finetune.humaneval`).
+(``eval.humaneval_limit`` problems; generated code runs in :mod:`finetune.sandbox` at ``eval.sandbox``'s level).
 Backends: HF weights through transformers; a GGUF through llama.cpp for HumanEval and through
 transformers' GGUF dequantization for lm-eval (token log-probs are needed there). Each score is
 written with the settings that produced it (batch size, dtype, few-shot, chat template, seeds).
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from finetune import humaneval, lmeval
+from finetune import humaneval, lmeval, sandbox
 from finetune.models import load_model, load_tokenizer, resolve_source
 from finetune.outputs import atomic_dir, write_json, write_jsonl
 from finetune.provenance import provenance
@@ -133,6 +133,10 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
             write_json(tmp / "skipped.json", note)
         return note
     spec = recipe.eval
+    runs_code = spec.humaneval_limit != 0 or "ft_mbpp" in spec.tasks
+    if runs_code:  # fail closed now, not after an hour of generation
+        sandbox.configure(spec.sandbox)
+        sandbox.level()
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(recipe.model)
     results: dict[str, Any] = {}
@@ -140,6 +144,8 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
         for variant in variants(recipe, Path(merged_dir), Path(gguf_dir)):
             name = variant["name"]
             entry: dict[str, Any] = {"recipe": recipe.name, "variant": name, "provenance": provenance()}
+            if runs_code:
+                entry["sandbox"] = sandbox.isolation()
             if spec.tasks:
                 path, gguf_file = _lmeval_target(variant)
                 scored = lmeval.run(

@@ -186,6 +186,9 @@ class EvalSpec(_Section):
     humaneval_timeout: float = Field(10.0, gt=0)
     humaneval_samples: int = Field(1, ge=1, description="Completions per problem; >1 samples for pass@k")
     humaneval_temperature: float = Field(0.8, gt=0, description="Sampling temperature when samples > 1")
+    sandbox: Literal["bubblewrap", "rlimits-only"] = Field(
+        "bubblewrap", description="Where model-written code runs (HumanEval, MBPP): bubblewrap or refuse; "
+        "rlimits-only runs it unconfined and is for machines where that is acceptable")
     gguf_types: list[str] | None = Field(None, description="GGUF types to score (None: every file)")
     seed: int = 1234
     threads: int = Field(2, ge=1)
