@@ -61,6 +61,17 @@ chown -R 1000:1000 "$WORK/workspace"
 run_mounts=(-v "$WORK/workspace:/workspace")
 # the quickstart's ARC-Easy eval task reads ../shared/data (read-only, as beside a dev checkout)
 [[ -d "$SHARED_DATA" ]] && run_mounts+=(-v "$SHARED_DATA:/shared/data:ro")
+# The sandbox for model-written code, as users run the image: its default user (uid 1000) under
+# podman's default security settings, then with the usual hardening flags; the level must be the
+# strong one (tests/test_sandbox.py asserts bubblewrap+userns) and every hostile program contained.
+for flags in "" "--cap-drop=ALL --security-opt=no-new-privileges"; do
+  log "sandbox suite in the image as uid 1000 ${flags:-(podman defaults)}"
+  # shellcheck disable=SC2086  # $flags is a list of flags
+  podman run --rm --network none $flags -e HF_TOKEN=hf_sandbox_canary_3f9c2e71 "${run_mounts[@]}" "$IMAGE" \
+    python -m pytest -q -p no:cacheprovider tests/test_sandbox.py >"$WORK/sandbox.log" 2>&1 \
+    || { tail -40 "$WORK/sandbox.log"; log "the sandbox suite failed in the image"; exit 1; }
+  tail -1 "$WORK/sandbox.log"
+done
 start=$(date +%s)
 # QUICKSTART_OVERRIDES (e.g. "train.max_steps=10 eval.task_limit=20"): the quickstart composed with
 # these overrides (`finetune use`), so CI runs every stage in the image within its time budget
