@@ -184,7 +184,8 @@ raise Exception('wrote %d' % total)
         "kill_harness": [f"""
 import os, signal
 hit = []
-for pid in ({harness_pid}, -1):  # the harness, and every process the program could see
+for pid in [p for p in ({harness_pid}, -1) if p != 1]:  # the harness (pid 1 is the sandbox's own init,
+    # where the harness is a container's pid 1), and every process the program can see
     try:
         os.kill(pid, signal.SIGKILL); hit.append(pid)
     except OSError:

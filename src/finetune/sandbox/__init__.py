@@ -13,8 +13,9 @@ What the strong levels enforce, all by the kernel (bubblewrap, from the locked `
 wheel, or the host's ``bwrap``, sets it up; :mod:`.view` lists the files):
 
 * new pid, network (loopback only), IPC, UTS, mount and cgroup namespaces; with ``userns`` also a
-  user namespace in which no further one may be created, with ``setuid`` a throwaway host uid
-  (unique per running program, in no group) with no capabilities;
+  user namespace (in which bubblewrap forbids a nested one where the kernel lets it: not inside a
+  container), with ``setuid`` a throwaway host uid (unique per running program, in no group) with
+  no capabilities;
 * an allowlist filesystem: the base interpreter, its libraries and stdlib, read-only; no
   ``/proc``; a 64 MiB private tmpfs is the only writable place (so also the total disk cap);
 * rlimits (hard == soft): CPU seconds, 1 GiB address space, 16 processes, 10 MiB per file,
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 import threading
@@ -66,6 +66,7 @@ class Level:
     name: str
     bwrap: str | None  # bubblewrap's path; None for rlimits-only
     as_root: bool
+    extra: tuple[str, ...] = ()  # bubblewrap flags this machine allows on top of the level's
 
 
 _policy = STRICT
@@ -101,7 +102,7 @@ def run(sources: Sequence[str], timeout: float, policy: str | None = None) -> st
     Returns ``passed``, ``timed out`` or ``failed: <reason>``.
     """
     chosen = level(policy)
-    return _launch.run_program(sources, timeout, chosen.bwrap, chosen.as_root)
+    return _launch.run_program(sources, timeout, chosen.bwrap, chosen.as_root, chosen.extra)
 
 
 # ------------------------------------------------------------------------------------- probing
@@ -159,12 +160,16 @@ def _probe(policy: str) -> Level:
     as_root = os.geteuid() == 0
     name = STRONG_LEVELS[1] if as_root else STRONG_LEVELS[0]
     probe = PROBE.format(version=sys.version, as_root=as_root, stdlib=sysconfig.get_path("stdlib"))
+    # no nested user namespace where bubblewrap can forbid it (not in a container: /proc/sys is
+    # read-only there); the runner refuses os.unshare/os.setns either way
+    extras = [()] if as_root else [("--disable-userns",), ()]
     failures = []
     for bwrap in candidates:
-        result = _launch.run_program([probe], 60.0, bwrap, as_root)
-        if result == "passed":
-            return Level(name, bwrap, as_root)
-        failures.append(f"{bwrap}: {result[len('failed: '):]}")
+        for extra in extras:
+            result = _launch.run_program([probe], 60.0, bwrap, as_root, extra)
+            if result == "passed":
+                return Level(name, bwrap, as_root, extra)
+            failures.append(f"{bwrap}{' ' + ' '.join(extra) if extra else ''}: {result[len('failed: '):]}")
     if all(": bwrap:" in failure for failure in failures):
         raise SandboxUnavailable(f"cannot start the {name} sandbox here ({'; '.join(failures)}); "
                                  f"{_hint()}; {_OPT_OUT}")
@@ -197,9 +202,3 @@ def _hint() -> str:
                 "`--security-opt seccomp=unconfined` (see docs/sandbox.md); podman's defaults allow them")
     return "namespaces are refused here (a seccomp or LSM policy): see docs/sandbox.md"
 
-
-def bwrap_version(bwrap: str) -> str:
-    try:
-        return subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

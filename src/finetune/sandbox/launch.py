@@ -63,22 +63,23 @@ def rlimits(timeout: float) -> dict[str, int]:
     }
 
 
-def bwrap_command(bwrap: str, as_root: bool) -> list[str]:
+def bwrap_command(bwrap: str, as_root: bool, extra: Sequence[str] = ()) -> list[str]:
     """bubblewrap with every namespace and the allowlist view; the runner is the command.
 
-    A normal user gets a user namespace (and may create no further one); root keeps the host's
-    user namespace so that the runner can drop to a throwaway uid that is a real, unprivileged
-    uid on the host (in a user namespace made by root, every uid inside is root outside).
+    A normal user gets a user namespace (``extra`` = ``--disable-userns`` where the kernel lets
+    bubblewrap forbid a nested one; a container's read-only ``/proc/sys`` does not); root keeps
+    the host's user namespace so that the runner can drop to a throwaway uid that is a real,
+    unprivileged uid on the host (in a user namespace made by root, every uid inside is root outside).
     """
     command = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-               "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent", "--new-session",
+               "--unshare-cgroup-try", "--die-with-parent", "--new-session",
                "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", view.WORKDIR,
                "--setenv", "TMPDIR", view.WORKDIR, "--setenv", "LANG", "C.UTF-8"]
     if as_root:
         command += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
-        command += ["--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
-    return command + list(view.mounts())
+        command += ["--unshare-user", "--cap-drop", "ALL"]
+    return command + list(extra) + list(view.mounts())
 
 
 def clean_reason(text: str) -> str:
@@ -142,7 +143,8 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_program(sources: Sequence[str], timeout: float, bwrap: str | None, as_root: bool) -> str:
+def run_program(sources: Sequence[str], timeout: float, bwrap: str | None, as_root: bool,
+                extra: Sequence[str] = ()) -> str:
     """Run ``sources`` (chunks executed in order; the last one is the tests) in the sandbox.
 
     ``bwrap`` None runs the runner unconfined but for rlimits (the opt-in ``rlimits-only`` level).
@@ -167,7 +169,7 @@ def run_program(sources: Sequence[str], timeout: float, bwrap: str | None, as_ro
         # (crafted code objects read memory); no directory can be made below /dev/null
         command = [view.interpreter(), "-I", "-S", "-X", "pycache_prefix=/dev/null", runner, str(config_fd)]
         if bwrap:
-            command = bwrap_command(bwrap, as_root) + ["--", *command]
+            command = bwrap_command(bwrap, as_root, extra) + ["--", *command]
         env = _ENV if bwrap else {**_ENV, "HOME": workdir, "TMPDIR": workdir}
         report_path, stderr_path = host / "report", host / "stderr"
         with report_path.open("wb") as report, stderr_path.open("wb") as stderr:
