@@ -18,7 +18,7 @@ wheel, or the host's ``bwrap``, sets it up; :mod:`.view` lists the files):
   no capabilities;
 * an allowlist filesystem: the base interpreter, its libraries and stdlib, read-only; no
   ``/proc``; a 64 MiB private tmpfs is the only writable place (so also the total disk cap);
-* rlimits (hard == soft): CPU seconds, 1 GiB address space, 16 processes, 10 MiB per file,
+* rlimits (hard == soft): CPU seconds, 1 GiB address space, 8 processes (threads count), 10 MiB per file,
   64 open files, no core files; a wall-clock timeout, after which the whole pid namespace is
   killed; ``no_new_privs``, a new session (no terminal injection), death with the harness;
 * an environment of ``PATH``, ``HOME``, ``TMPDIR``, ``LANG`` only: no token reaches the program.

@@ -20,7 +20,7 @@ from finetune.sandbox import view
 
 ADDRESS_SPACE_BYTES = 1 << 30  # RLIMIT_AS
 FILE_SIZE_BYTES = 10 << 20  # RLIMIT_FSIZE (the tmpfs caps the total)
-MAX_PROCESSES = 16  # RLIMIT_NPROC: per throwaway uid (root callers) or per user namespace
+MAX_PROCESSES = 8  # RLIMIT_NPROC: per throwaway uid (root) or user namespace; x RLIMIT_AS bounds a run's memory (8 GiB)
 MAX_OPEN_FILES = 64  # RLIMIT_NOFILE
 REASON_MAX = 200  # characters of a failure reason kept in result rows
 # Throwaway uids for root callers: not in /etc/passwd; each running program holds its own, so
