@@ -25,7 +25,7 @@ endif
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMA_CPP_VERSION := 0.3.36
 
-.PHONY: install repro data eval chat serve test test-fast lock validate clean help test-image
+.PHONY: install repro data eval verify chat serve test test-fast lock validate clean help test-image
 help:
 	@sed -n '1,4p' Makefile
 
@@ -56,6 +56,11 @@ repro: data
 
 eval: install  ## benchmark table across recipes and experiments -> eval/report.md + eval/report.png
 	$(BIN)/python -m finetune report
+
+# this workspace's metrics vs the published ones, metric by metric (tolerances.yaml across hardware)
+REV ?= HEAD
+verify: install  ## REV = the git rev or DVC experiment holding the published metrics (default: HEAD, the committed ones)
+	$(BIN)/python -m finetune verify --rev $(REV)
 
 # talk to the result: MODEL = adapter | merged | base | gguf[:<type>] | a path (see README "Use the result")
 MODEL ?= merged
