@@ -110,6 +110,22 @@ def test_cross_hardware_delta_is_within_tolerance_but_not_on_the_same_hardware(p
                for line in lines)
 
 
+def test_gpu_runs_are_compared_within_tolerance_even_on_the_same_gpu(published_repo):
+    gpu = "1 x NVIDIA H100 80GB HBM3 + 16 x AMD EPYC"
+    both = copy.deepcopy(PUBLISHED)
+    for rel in ("metrics/timing/train.json", "eval/metrics/finetuned.json"):
+        both[rel]["provenance"]["hardware"] = gpu
+    write(published_repo, both)
+    env = pipeline_env()
+    run(["git", "commit", "-qam", "a GPU run"], published_repo, env)
+    try:
+        proc = run_verify(published_repo, changed(hardware=gpu, **{"metrics/train.json": {"eval_loss": 0.3426}}))
+        assert proc.returncode == 0, proc.stderr
+        assert "CUDA kernels are not bitwise deterministic" in proc.stdout
+    finally:
+        run(["git", "reset", "-q", "--hard", "HEAD~1"], published_repo, env)
+
+
 def test_out_of_tolerance_is_one_line_per_failing_metric(published_repo):
     proc = run_verify(published_repo, changed(hardware="2 x AMD EPYC 7B13",
                                               **{"metrics/train.json": {"eval_loss": 0.36},
