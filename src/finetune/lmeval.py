@@ -1,8 +1,8 @@
 """Offline lm-evaluation-harness runs on the project's task YAMLs (``eval/tasks/``).
 
 The shipped YAMLs read local files only (``dataset_path: json``/``csv`` + ``data_files``). Their data
-paths start with two placeholders, ``{data_dir}`` (the shared data root, default ``../shared/data``
-next to the repo) and ``{prepared_dir}`` (the prepare stage's output, default
+paths start with two placeholders, ``{data_dir}`` (the benchmark files' root, default ``eval/data``
+in the repo) and ``{prepared_dir}`` (the prepare stage's output, default
 ``outputs/prepared``); :func:`render_tasks` copies the folder with both substituted and
 :func:`run` hands the copy to lm-eval's ``TaskManager`` as its include path.
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS_DIR = ROOT / "eval" / "tasks"
-DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
+DEFAULT_DATA_DIR = ROOT / "eval" / "data"  # shipped: eval/data/SOURCES.md
 DEFAULT_PREPARED_DIR = ROOT / "outputs" / "prepared"
 PLACEHOLDERS = ("{data_dir}", "{prepared_dir}")
 
@@ -143,7 +143,7 @@ def check_data_files(tm, tasks: list[str]) -> None:
                     if not Path(p).is_file():
                         raise FinetuneError(
                             f"lm-eval task '{cfg.get('task')}': {split} data file {p} not found; "
-                            "pass data_dir (shared data root) / prepared_dir (prepare stage output)"
+                            "pass data_dir (benchmark files, default eval/data) / prepared_dir (prepare stage output)"
                         )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "llama-cpp-python", "lm-eval")
 # what decides a result: local changes here make a run differ from its commit (dvc.lock and metrics do not)
-SOURCES = ("src", "recipes", "params.yaml", "dvc.yaml", "eval/tasks", "pyproject.toml", "requirements")
+SOURCES = ("src", "recipes", "params.yaml", "dvc.yaml", "eval/tasks", "eval/data", "pyproject.toml", "requirements")
 CONTAINERENV = Path("/run/.containerenv")  # podman writes the image's name and id here (--privileged only)
 
 

@@ -179,7 +179,7 @@ class EvalSpec(_Section):
     tasks: list[str] = Field(default_factory=lambda: ["ft_arc_easy"], description="lm-eval tasks")
     task_limit: int | None = Field(None, ge=1, description="Documents per lm-eval task (None: all)")
     num_fewshot: int | None = Field(None, ge=0, description="None: each task's own default")
-    data_dir: str = Field("../shared/data", description="Root of the local benchmark files")
+    data_dir: str = Field("eval/data", description="Root of the local benchmark files (shipped in eval/data)")
     humaneval_limit: int | None = Field(None, ge=0, description="HumanEval problems (None: all 164; 0: skip)")
     humaneval_prompt: Literal["completion", "chat"] = "completion"
     humaneval_max_new_tokens: int = Field(384, ge=1)
