@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,14 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.tmp-{os.getpid()}-"
 
 
+def _named(path: Path, make: Callable[..., Any], **kwargs: Any) -> Any:
+    """``make(**kwargs)`` (mkstemp / mkdtemp); a failure names ``path``, not the hidden temporary name."""
+    try:
+        return make(**kwargs)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
@@ -76,7 +84,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
+    tmp = Path(_named(path, tempfile.mkdtemp, prefix=_tmp_prefix(path), dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700
     try:
         yield tmp
@@ -99,7 +107,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
+    fd, tmp = _named(path, tempfile.mkstemp, prefix=_tmp_prefix(path), dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
