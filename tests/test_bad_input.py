@@ -11,8 +11,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -483,3 +486,69 @@ def test_hub_token_comes_from_the_environment_only(monkeypatch):
     assert _load_kwargs(ModelSpec(id="owner/name"), "owner/name")["token"] == "hf_fake_token_for_test"
     assert "token" not in _load_kwargs(ModelSpec(id="./m"), "./m"), "never sent along for local folders"
     assert "token" not in ModelSpec.model_fields, "no recipe key can hold a token"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("lora-targets-nothing", "nan-loss", "yaml-alias-bomb")],
+                         ids=lambda c: c.id)
+def test_a_failed_command_exits_quietly(case: Case, project: Path):
+    """Run as its own process (interpreter shutdown included): the one error line and nothing else of note,
+    no traceback and no "Exception ignored" from threads or finalizers at exit."""
+    write_params(project, case)
+    proc = subprocess.run([sys.executable, "-m", "finetune", *case.argv], cwd=project, capture_output=True, text=True,
+                          timeout=600, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and re.search(case.expect, lines[0]), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0] == proc.stderr.rstrip().splitlines()[-1], "the error line is the last thing printed"
+
+
+def _launcher(tmp_path: Path, env: dict, where: Path) -> subprocess.CompletedProcess:
+    where.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "bin" / "project-python", where / "project-python")
+    return subprocess.run([str(where / "project-python"), "-c", "import sys; print(sys.prefix)"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+def test_dvc_commands_run_the_project_python_whatever_path_holds(tmp_path):
+    """`.venv/bin/dvc repro` with a PATH whose `python` is the system's (no finetune): every stage still runs
+    the project's interpreter; with none to be found, one line says so (exit 2)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert all(stage["cmd"].startswith("bin/project-python -m finetune ") for stage in stages.values())
+    tools = tmp_path / "tools"  # a PATH with the shell tools and no Python at all
+    tools.mkdir()
+    (tools / "dirname").symlink_to(shutil.which("dirname"))
+    env = {"PATH": str(tools), "HOME": str(tmp_path)}
+    venv = Path(sys.prefix).resolve()
+
+    image = _launcher(tmp_path, env | {"FINETUNE_VENV": str(venv)}, tmp_path / "image" / "bin")
+    assert Path(image.stdout.strip()).resolve() == venv, image.stderr
+    checkout = tmp_path / "checkout"
+    (checkout / ".venv").parent.mkdir(parents=True)
+    (checkout / ".venv").symlink_to(venv)
+    for where in (checkout / "bin", checkout / ".dvc" / "tmp" / "exps" / "tmpabc" / "bin"):  # and `dvc exp run --temp`
+        found = _launcher(tmp_path, env, where)
+        assert found.returncode == 0 and Path(found.stdout.strip()).resolve() == venv, found.stderr
+    missing = _launcher(tmp_path, env, tmp_path / "bare" / "bin")
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.startswith("error: no Python with the finetune package") and len(missing.stderr.splitlines()) == 1
+
+
+def test_any_command_removes_what_killed_runs_left(project, capsys):
+    """Temporary siblings of a dead writer go at the next command, whatever stage it is; a live writer's stay."""
+    from finetune import cli
+
+    write_params(project, Case("valid", [], ""))
+    dead = 99_999_999  # above any pid_max: no such process
+    left = [project / f".models.tmp-{dead}-a1", project / f"outputs/.merged.tmp-{dead}-b2",
+            project / f"metrics/.train.json.tmp-{dead}-c3", project / f"eval/.metrics.old-{dead}"]
+    live = project / f".models.tmp-{os.getpid()}-d4"
+    for path in [*left, live]:
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"x" * 1024)
+    assert cli.main(["validate"]) == 0
+    assert not [p for p in left if p.exists()] and live.is_dir()
+    (project / f".models.tmp-{dead}-e5").mkdir()
+    capsys.readouterr()
+    assert cli.main(["clean"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"removed": [f".models.tmp-{dead}-e5"]}

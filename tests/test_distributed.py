@@ -161,7 +161,10 @@ def test_fsdp2_sharded_lora_gathers_to_an_adapter_merge_loads(tiny_llama, tmp_pa
     recipe = Recipe.model_validate(yaml.safe_load(write_params(tmp_path / "p.yaml", tiny_llama, 4).read_text()))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)  # as save_adapter writes it
+    from finetune.outputs import write_manifest
+
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)  # as save_adapter writes it,
+    write_manifest(sharded)  # with the manifest merge checks
     merge(recipe, sharded, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
