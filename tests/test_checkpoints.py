@@ -43,6 +43,18 @@ def run(recipe, prepared: Path, out: Path, ckpt_root: Path):
                  checkpoint_dir=ckpt_root)
 
 
+def run_stopped(recipe, prepared: Path, out: Path, ckpt_root: Path, monkeypatch, step: int, match: str) -> None:
+    """Run with a SIGTERM as step ``step`` begins: the run finishes that step, checkpoints, stops with one line."""
+    def term(self, args, state, control, **kwargs):
+        if state.global_step == step and self.received is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term, raising=False)
+        with pytest.raises(FinetuneError, match=match):
+            run(recipe, prepared, out, ckpt_root)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama, tmp_path_factory) -> Path:
     """One run straight through, the reference for every resumed run."""
@@ -57,15 +69,9 @@ def test_sigterm_saves_then_rerun_resumes_to_the_same_adapter(tiny_llama, prepar
                                                               monkeypatch):
     recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
 
-    def term_at_step_3(self, args, state, control, **kwargs):
-        if state.global_step == 3 and self.received is None:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     out, root = tmp_path / "run", tmp_path / "ckpt"
-    with monkeypatch.context() as m:
-        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term_at_step_3, raising=False)
-        with pytest.raises(FinetuneError, match=r"stopped by SIGTERM at step 4; checkpoint saved in .*checkpoint-4.*resume"):
-            run(recipe, prepared, out, root)
+    run_stopped(recipe, prepared, out, root, monkeypatch, 3,
+                r"stopped by SIGTERM at step 4; checkpoint saved in .*checkpoint-4.*resume")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the handler is removed again"
     assert not (out / "adapter").exists() and not (out / "live").exists()
     [run_dir] = list(root.iterdir())
@@ -94,15 +100,8 @@ def test_resume_between_logging_steps_logs_what_an_uninterrupted_run_logs(tiny_l
     recipe = tiny_recipe(tiny_llama, max_steps=7, save_steps=2, logging_steps=3, eval_steps=3)
     run(recipe, prepared, tmp_path / "ref", tmp_path / "ref-ckpt")
 
-    def term_at_step_4(self, args, state, control, **kwargs):
-        if state.global_step == 4 and self.received is None:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     out, root = tmp_path / "run", tmp_path / "ckpt"
-    with monkeypatch.context() as m:
-        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term_at_step_4, raising=False)
-        with pytest.raises(FinetuneError, match="step 5"):
-            run(recipe, prepared, out, root)
+    run_stopped(recipe, prepared, out, root, monkeypatch, 4, "step 5")
     metrics = run(recipe, prepared, out, root)
     assert metrics["resumed_from_step"] == 5
     reference = json.loads((tmp_path / "ref" / "train.json").read_text())
@@ -115,15 +114,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_llama, prepare
                                                               monkeypatch, capfd):
     recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
     out, root = tmp_path / "run", tmp_path / "ckpt"
-
-    def term_at_step_4(self, args, state, control, **kwargs):
-        if state.global_step == 4 and self.received is None:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as m:
-        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term_at_step_4, raising=False)
-        with pytest.raises(FinetuneError, match="step 5"):
-            run(recipe, prepared, out, root)
+    run_stopped(recipe, prepared, out, root, monkeypatch, 4, "step 5")
     [run_dir] = list(root.iterdir())
     newest = run_dir / "checkpoint-5" / "optimizer.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # a torn write
