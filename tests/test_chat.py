@@ -157,6 +157,7 @@ def test_adapter_is_loaded_on_the_base_and_equals_the_merged_model(tmp_path, tin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.chat import HFBackend, load, resolve
+    from finetune.outputs import write_manifest
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -165,6 +166,7 @@ def test_adapter_is_loaded_on_the_base_and_equals_the_merged_model(tmp_path, tin
     outputs = tmp_path / "outputs"
     peft.save_pretrained(outputs / "adapter")
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(outputs / "adapter")
+    write_manifest(outputs / "adapter")  # what the train stage writes last; `--model adapter` checks it
     merged = peft.merge_and_unload()
     merged.save_pretrained(outputs / "merged")
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(outputs / "merged")
@@ -225,7 +227,7 @@ def test_generate_jsonl_in_jsonl_out(tmp_path, quickstart_params, smollm_gguf):
     proc = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: bad.jsonl:2: the row needs 'prompt' (a string) or 'messages' (a list of {role, content})")
+        "error: bad.jsonl:2: 'messages' is not a non-empty list of {role, content}")
     assert not (tmp_path / "bad-out.jsonl").exists()
 
 

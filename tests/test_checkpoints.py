@@ -43,6 +43,18 @@ def run(recipe, prepared: Path, out: Path, ckpt_root: Path):
                  checkpoint_dir=ckpt_root)
 
 
+def run_stopped(recipe, prepared: Path, out: Path, ckpt_root: Path, monkeypatch, step: int, match: str) -> None:
+    """Run with a SIGTERM as step ``step`` begins: the run finishes that step, checkpoints, stops with one line."""
+    def term(self, args, state, control, **kwargs):
+        if state.global_step == step and self.received is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term, raising=False)
+        with pytest.raises(FinetuneError, match=match):
+            run(recipe, prepared, out, ckpt_root)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama, tmp_path_factory) -> Path:
     """One run straight through, the reference for every resumed run."""
@@ -57,15 +69,9 @@ def test_sigterm_saves_then_rerun_resumes_to_the_same_adapter(tiny_llama, prepar
                                                               monkeypatch):
     recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
 
-    def term_at_step_3(self, args, state, control, **kwargs):
-        if state.global_step == 3 and self.received is None:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     out, root = tmp_path / "run", tmp_path / "ckpt"
-    with monkeypatch.context() as m:
-        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term_at_step_3, raising=False)
-        with pytest.raises(FinetuneError, match=r"stopped by SIGTERM at step 4; checkpoint saved in .*checkpoint-4.*resume"):
-            run(recipe, prepared, out, root)
+    run_stopped(recipe, prepared, out, root, monkeypatch, 3,
+                r"stopped by SIGTERM at step 4; checkpoint saved in .*checkpoint-4.*resume")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the handler is removed again"
     assert not (out / "adapter").exists() and not (out / "live").exists()
     [run_dir] = list(root.iterdir())
@@ -78,23 +84,37 @@ def test_sigterm_saves_then_rerun_resumes_to_the_same_adapter(tiny_llama, prepar
     assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(STEPS)), "no repeated or lost step"
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
     ref_metrics = json.loads((uninterrupted / "train.json").read_text())
-    assert metrics["train_loss"] == pytest.approx(ref_metrics["train_loss"], abs=1e-5)
+    assert metrics["train_loss"] == ref_metrics["train_loss"]
+    assert live_files(out / "live") == live_files(uninterrupted / "live"), "DVCLive output differs from an uninterrupted run's"
     assert not run_dir.exists()
+
+
+def live_files(live: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
+
+
+def test_resume_between_logging_steps_logs_what_an_uninterrupted_run_logs(tiny_llama, prepared, tmp_path, monkeypatch):
+    """A checkpoint between two logs (the loss summed since the last log, TRL's token count and per-step values
+    are in memory only): the resumed run's DVCLive files, counters and final train_loss equal an
+    uninterrupted run's byte for byte."""
+    recipe = tiny_recipe(tiny_llama, max_steps=7, save_steps=2, logging_steps=3, eval_steps=3)
+    run(recipe, prepared, tmp_path / "ref", tmp_path / "ref-ckpt")
+
+    out, root = tmp_path / "run", tmp_path / "ckpt"
+    run_stopped(recipe, prepared, out, root, monkeypatch, 4, "step 5")
+    metrics = run(recipe, prepared, out, root)
+    assert metrics["resumed_from_step"] == 5
+    reference = json.loads((tmp_path / "ref" / "train.json").read_text())
+    assert {k: v for k, v in metrics.items() if k in reference} == reference
+    assert live_files(out / "live") == live_files(tmp_path / "ref" / "live")
+    assert "num_tokens" in json.loads((out / "live" / "metrics.json").read_text())
 
 
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_llama, prepared, tmp_path, uninterrupted,
                                                               monkeypatch, capfd):
     recipe = tiny_recipe(tiny_llama, max_steps=STEPS, save_steps=2)
     out, root = tmp_path / "run", tmp_path / "ckpt"
-
-    def term_at_step_4(self, args, state, control, **kwargs):
-        if state.global_step == 4 and self.received is None:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as m:
-        m.setattr(checkpoints.StopOnSignal, "on_step_begin", term_at_step_4, raising=False)
-        with pytest.raises(FinetuneError, match="step 5"):
-            run(recipe, prepared, out, root)
+    run_stopped(recipe, prepared, out, root, monkeypatch, 4, "step 5")
     [run_dir] = list(root.iterdir())
     newest = run_dir / "checkpoint-5" / "optimizer.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # a torn write
@@ -145,6 +165,7 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
         ckpt = run_dir / f"checkpoint-{step}"
         ckpt.mkdir(parents=True)
         (ckpt / "trainer_state.json").write_text("{}")
+        (ckpt / checkpoints.LOG_STATE).write_text("{}")
         (ckpt / "adapter_model.safetensors").write_bytes(b"x" * 10)
     checkpoints.write_manifest(run_dir / "checkpoint-2")  # checkpoint-4 was killed before its manifest
     assert checkpoints.problem(run_dir / "checkpoint-4").startswith("incomplete")

@@ -101,7 +101,7 @@ def test_launch_command_uses_the_shipped_config(tiny_llama, tmp_path, monkeypatc
     params = write_params(tmp_path / "p.yaml", tiny_llama, 4, mode="ddp", num_processes=3)
     recipe = Recipe.model_validate(yaml.safe_load(params.read_text()))
     cmd = distributed.launch_command(recipe, ["--params", "p.yaml", "train"])
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[1:3] == ["-m", "finetune.distributed"]
     assert cmd[cmd.index("--config_file") + 1] == "recipes/accelerate/ddp.yaml"
     assert cmd[cmd.index("--num_processes") + 1] == "3"
     assert cmd[-5:] == ["-m", "finetune", "--params", "p.yaml", "train"]
@@ -161,7 +161,10 @@ def test_fsdp2_sharded_lora_gathers_to_an_adapter_merge_loads(tiny_llama, tmp_pa
     recipe = Recipe.model_validate(yaml.safe_load(write_params(tmp_path / "p.yaml", tiny_llama, 4).read_text()))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)  # as save_adapter writes it
+    from finetune.outputs import write_manifest
+
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)  # as save_adapter writes it,
+    write_manifest(sharded)  # with the manifest merge checks
     merge(recipe, sharded, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -149,7 +149,10 @@ def test_messages_system_prompt_not_duplicated(tok):
         (None, "missing field 'messages'"),
         ([{"role": "user", "content": "q"}], "last message is not a non-empty assistant turn"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}], "non-empty assistant"),
-        ([{"role": "user", "content": "q"}, "a"], "not a non-empty list"),
+        ([{"role": "user", "content": "q"}, "a"], "message 1 is text, not an object with role and content"),
+        ([{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}],
+         r"message 0 with role 'robot' \(use one of system, user, assistant\)"),
+        ([{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}], "message 0 with content holding a number"),
         ([{"role": "assistant", "content": "a"}], "no prompt turns"),
     ],
 )
@@ -168,7 +171,7 @@ def test_prompt_completion():
 
 
 def test_prompt_completion_non_text():
-    with pytest.raises(BadRow, match="'completion' is not text"):
+    with pytest.raises(BadRow, match="field 'completion' holding a number, not text"):
         format_row({"prompt": "2+2=", "completion": 4}, spec("prompt_completion"), None)
 
 

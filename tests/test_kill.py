@@ -168,3 +168,37 @@ def test_kill_9_during_train_then_resume(project):
     resumed, reference = live_curve(project / "dvclive"), live_curve(ref / "live")
     assert [s for s, _ in resumed] == list(range(TRAIN_STEPS)), "no repeated or lost step"
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
+
+
+ORPHANS = {"quantize": ".models.tmp-*", "merge": "outputs/.merged.tmp-*"}  # what a kill mid-write leaves
+
+
+@pytest.mark.parametrize(("stage", "then"), [("quantize", "heldout"), ("merge", "prepare"), ("quantize", "clean")])
+def test_a_stage_killed_outside_dvc_leaves_no_orphan_after_any_other_command(project, stage, then):
+    """SIGKILL while the stage writes its temporary sibling (hundreds of MB for a real model); the next run
+    of any other stage (or `finetune clean`) removes it, and the finished outputs stay complete."""
+    for needed in ("prepare", "train", "merge"):
+        if not snapshot(project, STAGES[needed][1][0]):
+            finish(project, needed)
+    complete = {rel: snapshot(project, rel) for rel in STAGES[stage][1] if snapshot(project, rel)}
+    rng = random.Random(int(os.environ.get("KILL_SEED", time.time())))
+    proc = start(project, stage)
+    deadline = time.time() + 300
+    while not list(project.glob(ORPHANS[stage])):
+        assert proc.poll() is None and time.time() < deadline, f"{stage} ended before writing its temporary sibling"
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(project.glob(ORPHANS[stage])), "the kill left the temporary sibling behind"
+    for rel, reference in complete.items():
+        assert_complete(project, rel, reference)
+    if then == "clean":
+        out = subprocess.run([sys.executable, "-m", "finetune", "clean"], cwd=project, env=ENV, capture_output=True,
+                             text=True, check=True).stdout
+        assert Path(ORPHANS[stage]).name.split("*")[0] in out, out
+    else:
+        finish(project, then)
+    assert not list(project.glob(ORPHANS[stage])), f"`finetune {then}` left {stage}'s temporary sibling"
+    for rel, reference in complete.items():
+        assert_complete(project, rel, reference)

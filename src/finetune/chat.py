@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line
+from finetune.formats import check_messages
 from finetune.outputs import json_lines, write_jsonl
 from finetune.recipe import ModelSpec, Recipe
 
@@ -199,13 +200,17 @@ def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 
     if target.kind == "gguf":
         from llama_cpp import Llama
 
-        llm = Llama(model_path=str(target.path), n_ctx=ctx, n_threads=threads, verbose=False, seed=0)
+        try:
+            llm = Llama(model_path=str(target.path), n_ctx=ctx, n_threads=threads, verbose=False, seed=0)
+        except ValueError as err:  # llama-cpp-python: "Failed to load model from file: ..."
+            raise FinetuneError(f"{target.path}: llama.cpp cannot load it ({one_line(str(err), 120)}); the file may be "
+                                "truncated or not a GGUF: rerun `dvc repro quantize` or fetch it again") from None
         return LlamaBackend(llm)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.models import load_model, load_tokenizer
+    from finetune.models import check_adapter, load_adapter, load_model, load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -215,12 +220,11 @@ def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 
     if target.path is None:
         tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, _dtype())
     elif target.adapter:
-        from peft import PeftModel
-
+        check_adapter(target.path, required=target.label == "adapter")  # the pipeline's own has a manifest
         base_spec = _adapter_base(recipe.model, target.path)
         tokenizer = (AutoTokenizer.from_pretrained(target.path) if (target.path / "tokenizer_config.json").is_file()
                      else load_tokenizer(base_spec))
-        model = PeftModel.from_pretrained(load_model(base_spec, _dtype()), target.path)
+        model = load_adapter(load_model(base_spec, _dtype()), target.path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(target.path)
         model = AutoModelForCausalLM.from_pretrained(target.path, dtype=_dtype())
@@ -303,16 +307,19 @@ def read_requests(path: Path, raw: bool) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FinetuneError(f"--input {path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, row in json_lines(fh, path):
-            ok_prompt = isinstance(row, dict) and isinstance(row.get("prompt"), str)
-            ok_messages = (isinstance(row, dict) and isinstance(row.get("messages"), list) and not raw and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in row["messages"]))
-            if not (ok_prompt or ok_messages):
-                need = "'prompt' (a string)" if raw else "'prompt' (a string) or 'messages' (a list of {role, content})"
-                raise FinetuneError(f"{path}:{number}: the row needs {need}")
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, row in json_lines(fh, path):
+                ok_prompt = isinstance(row, dict) and isinstance(row.get("prompt"), str)
+                if not ok_prompt and not raw and isinstance(row, dict) and "messages" in row:
+                    if (problem := check_messages(row["messages"])) is not None:
+                        raise FinetuneError(f"{path}:{number}: {problem}")
+                elif not ok_prompt:
+                    need = "'prompt' (a string)" if raw else "'prompt' (a string) or 'messages' (a list of {role, content})"
+                    raise FinetuneError(f"{path}:{number}: the row needs {need}")
+                rows.append(row)
+    except UnicodeDecodeError as err:
+        raise FinetuneError(f"--input {path}: not UTF-8 text (byte {err.start}); give a JSONL file") from None
     if not rows:
         raise FinetuneError(f"--input {path}: no rows")
     return rows

@@ -10,8 +10,8 @@ with the step, hence the data position) every ``train.save_steps`` and resumes f
 - which: the Trainer writes a checkpoint in place, so a kill can leave half of one. Each complete
   checkpoint gets a manifest (sha256 of every file) written last; resuming takes the newest
   checkpoint whose manifest matches and falls back past incomplete or corrupt ones.
-- the loss curve: the DVCLive folder is snapshotted into each checkpoint and restored with it, so a
-  resumed curve has no repeated or missing steps.
+- the loss curve: the DVCLive folder and the Trainer's logging state are snapshotted into each
+  checkpoint and restored with it, so a resumed run logs the same values as an uninterrupted one.
 - SIGTERM/SIGINT: finish the current step, save a checkpoint, stop (:class:`StopOnSignal`).
 - NaN/inf loss: stop without saving; a checkpoint with non-finite weights is never marked complete.
 """
@@ -34,22 +34,13 @@ import torch
 from transformers import TrainerCallback
 
 from finetune.errors import FinetuneError
-from finetune.outputs import write_json
-
-MANIFEST = "finetune-complete.json"
+from finetune.outputs import manifest_problem, sha256_file, write_json, write_manifest
 LIVE_SNAPSHOT = "dvclive"
+LOG_STATE = "finetune-log-state.json"
 KEEP = 2  # checkpoints kept: the newest and one to fall back to
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # train keys that do not change the weights (a changed value still resumes)
 _NOT_IN_KEY = {"threads", "save_steps"}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_key(sections: dict[str, Any], data_files: list[Path]) -> str:
@@ -59,7 +50,7 @@ def run_key(sections: dict[str, Any], data_files: list[Path]) -> str:
         sections["train"] = {k: v for k, v in sections["train"].items() if k not in _NOT_IN_KEY}
     digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode())
     for path in data_files:
-        digest.update(path.name.encode() + b"\0" + (_sha256(path) if path.is_file() else "-").encode())
+        digest.update(path.name.encode() + b"\0" + (sha256_file(path) if path.is_file() else "-").encode())
     return digest.hexdigest()[:16]
 
 
@@ -89,31 +80,9 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in run_dir.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True)
 
 
-def write_manifest(ckpt: Path) -> None:
-    """Mark ``ckpt`` complete: the sha256 of every file in it, written last and atomically."""
-    files = {str(p.relative_to(ckpt)): _sha256(p) for p in sorted(ckpt.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    write_json(ckpt / MANIFEST, {"files": files})
-
-
 def problem(ckpt: Path) -> str | None:
     """Why ``ckpt`` cannot be resumed from, or None when it is complete and intact."""
-    manifest = ckpt / MANIFEST
-    if not manifest.is_file():
-        return "incomplete (no manifest: the save was interrupted)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return "manifest unreadable"
-    if "trainer_state.json" not in files:
-        return "no trainer_state.json"
-    for name, digest in files.items():
-        path = ckpt / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if _sha256(path) != digest:
-            return f"{name} is corrupt (checksum differs)"
-    return None
+    return manifest_problem(ckpt, required=("trainer_state.json", LOG_STATE))
 
 
 def latest_complete(run_dir: Path) -> Path | None:
@@ -146,25 +115,21 @@ def removed_on_success(run_dir: Path) -> Iterator[Path]:
         pass
 
 
-def logged_mean_loss(history: list[dict[str, Any]]) -> float | None:
-    """Mean training loss over the logged steps (each logged loss weighted by its interval)."""
-    total, steps, last = 0.0, 0, 0
-    for entry in history:
-        if "loss" in entry and "step" in entry:
-            width = entry["step"] - last
-            total, steps, last = total + entry["loss"] * width, steps + width, entry["step"]
-    return total / steps if steps else None
-
-
 def _finite(model) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
 
 class CheckpointCallback(TrainerCallback):
-    """After each Trainer save: snapshot DVCLive, check the weights, write the manifest."""
+    """After each Trainer save: snapshot DVCLive and the logging state, check the weights, write the manifest.
+    On a resume: put the logging state back (:func:`restore_log_state`). ``trainer`` is set once built."""
 
-    def __init__(self, live_dir: Path | None):
-        self.live_dir = live_dir
+    def __init__(self, live_dir: Path | None, resume: Path | None = None):
+        self.live_dir, self.resume = live_dir, resume
+        self.trainer = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.resume is not None and self.trainer is not None:
+            restore_log_state(self.trainer, json.loads((self.resume / LOG_STATE).read_text(encoding="utf-8")))
 
     def on_step_end(self, args, state, control, **kwargs):
         # no checkpoint of the last step: the adapter is saved next, and the Trainer resumed at
@@ -181,7 +146,38 @@ class CheckpointCallback(TrainerCallback):
             return
         if self.live_dir is not None and self.live_dir.is_dir():
             shutil.copytree(self.live_dir, ckpt / LIVE_SNAPSHOT, dirs_exist_ok=True)
+        if self.trainer is not None:
+            write_json(ckpt / LOG_STATE, log_state(self.trainer))
         write_manifest(ckpt)
+
+
+def log_state(trainer) -> dict[str, Any]:
+    """What the Trainer and TRL hold in memory for the logs and do not checkpoint: the loss summed since
+    the start and since the last log, the step last logged, TRL's token count and its per-step values
+    (entropy, accuracy) waiting for the next log. Without them a resumed run logs ``num_tokens`` from 0,
+    a final ``train_loss`` over the resumed steps only, and a first loss averaged over fewer steps."""
+    metrics = getattr(trainer, "_metrics", {})
+    return {
+        "total_loss_scalar": trainer._total_loss_scalar,
+        "tr_loss": trainer._tr_loss.item(),  # this process's; the others' differ only under DDP between logs
+        "globalstep_last_logged": trainer._globalstep_last_logged,
+        "total_train_tokens": getattr(trainer, "_total_train_tokens", None),
+        "metrics": {mode: {k: list(v) for k, v in values.items()} for mode, values in metrics.items()},
+    }
+
+
+def restore_log_state(trainer, saved: dict[str, Any]) -> None:
+    """Put :func:`log_state` back after ``Trainer.train`` reset it (its ``on_train_begin``), so the
+    resumed logs and the final ``train_loss`` equal an uninterrupted run's, value for value."""
+    trainer._total_loss_scalar = saved["total_loss_scalar"]
+    trainer._tr_loss.fill_(saved["tr_loss"])
+    trainer._globalstep_last_logged = saved["globalstep_last_logged"]
+    trainer._initial_global_step = 0  # train_loss = the whole run's loss sum / all its steps
+    if saved["total_train_tokens"] is not None:
+        trainer._total_train_tokens = saved["total_train_tokens"]
+    for mode, values in saved["metrics"].items():
+        trainer._metrics[mode].clear()
+        trainer._metrics[mode].update(values)
 
 
 class StopOnNonFinite(TrainerCallback):

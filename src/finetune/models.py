@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, is_out_of_memory, one_line
+from finetune.outputs import MANIFEST, manifest_problem
 from finetune.recipe import ModelSpec, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,36 @@ def _load_kwargs(spec: ModelSpec, source: str) -> dict[str, Any]:
     return kwargs
 
 
-def _check_local(spec: ModelSpec, source: str) -> None:
-    if _is_local(source):
-        if not Path(source).exists():
-            raise FinetuneError(f"model.id '{spec.id}': local path {source} does not exist")
-        if spec.gguf_file and not (Path(source) / spec.gguf_file).is_file():
+def _check_local(spec: ModelSpec, source: str, weights: bool = False) -> None:
+    """A local source exists and holds what loading needs (``weights``: a model's config.json)."""
+    if not _is_local(source):
+        return
+    path = Path(source)
+    if not path.exists():
+        raise FinetuneError(f"model.id '{spec.id}': local path {source} does not exist")
+    if spec.gguf_file:
+        if not (path / spec.gguf_file).is_file():
             raise FinetuneError(f"model.gguf_file '{spec.gguf_file}': not found in {source}")
+    elif path.is_dir() and not any(path.iterdir()):
+        raise FinetuneError(f"model.id '{spec.id}': the folder {source} is empty; point model.id at a folder "
+                            "written by save_pretrained, or set model.gguf_file to a GGUF file in it")
+    elif weights and path.is_dir() and not (path / "config.json").is_file():
+        raise FinetuneError(f"model.id '{spec.id}': {source} has no config.json, so it is not a model folder; "
+                            "point model.id at a folder written by save_pretrained, or set model.gguf_file")
+
+
+def _load_error(spec: ModelSpec, source: str, err: Exception, what: str) -> FinetuneError | None:
+    """One line for a failed ``from_pretrained``; None for a fault that is not about the source (re-raised)."""
+    if isinstance(err, ValueError) and "trust_remote_code" in str(err):
+        return _hub_error(spec, err)
+    if not _is_local(source):
+        return _hub_error(spec, err) if isinstance(err, OSError) else None
+    first = one_line(str(err).splitlines()[0] if str(err).strip() else type(err).__name__, 160)
+    if spec.gguf_file:
+        return FinetuneError(f"model.gguf_file '{spec.gguf_file}': {Path(source) / spec.gguf_file} cannot be read "
+                             f"as GGUF ({first}); it may be truncated or not a GGUF file: fetch it again")
+    return FinetuneError(f"model.id '{spec.id}': cannot load the {what} from {source} ({first}); the folder needs "
+                         "the files save_pretrained writes (config.json, tokenizer, weights)")
 
 
 def _hub_error(spec: ModelSpec, err: Exception) -> FinetuneError:
@@ -95,10 +120,10 @@ def load_tokenizer(spec: ModelSpec):
     _check_local(spec, source)
     try:
         tok = AutoTokenizer.from_pretrained(source, **_load_kwargs(spec, source))
-    except (OSError, ValueError) as err:
-        if isinstance(err, ValueError) and "trust_remote_code" not in str(err):
+    except Exception as err:  # noqa: BLE001 -- a broken source in any of the ways transformers reports it
+        if (mapped := _load_error(spec, source, err, "tokenizer")) is None:
             raise
-        raise _hub_error(spec, err) from None
+        raise mapped from None
     if spec.chat_template:
         tok.chat_template = spec.chat_template
     if tok.pad_token is None:
@@ -139,7 +164,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = No
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = resolve_source(spec.id)
-    _check_local(spec, source)
+    _check_local(spec, source, weights=True)
     kwargs = _load_kwargs(spec, source) | {"dtype": dtype} | extra
     qconf = quantization_config(quant) if quant else None
     if qconf is not None:
@@ -159,10 +184,13 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = No
         cls = AutoModelForCausalLM
     try:
         model = cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        if isinstance(err, ValueError) and "trust_remote_code" not in str(err):
+    except Exception as err:  # noqa: BLE001 -- as in load_tokenizer
+        if is_out_of_memory(err):
+            raise FinetuneError(f"model.id '{spec.id}': out of memory loading the model in {dtype}; free memory, "
+                                "pick a smaller model, or set quant.mode: 4bit (GPU)") from None
+        if (mapped := _load_error(spec, source, err, "model")) is None:
             raise
-        raise _hub_error(spec, err) from None
+        raise mapped from None
     return plain_copy(model) if spec.gguf_file else model
 
 
@@ -182,3 +210,26 @@ def plain_copy(model):
     fresh.tie_weights()
     fresh.generation_config = model.generation_config
     return fresh.to(model.dtype)
+
+
+def check_adapter(adapter_dir: Path, required: bool = True) -> None:
+    """The adapter folder matches the sha256 manifest the train stage wrote last (``required``: it must have
+    one; else only a folder that has one is checked, e.g. an adapter from elsewhere)."""
+    if not required and not (adapter_dir / MANIFEST).is_file():
+        return
+    why = manifest_problem(adapter_dir, required=("adapter_config.json",))
+    if why is not None:
+        raise FinetuneError(f"{adapter_dir}: {why}; rerun the train stage (`dvc repro train`)")
+
+
+def load_adapter(base, adapter_dir: Path):
+    """PEFT's ``from_pretrained`` with an unreadable adapter file as one line."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, adapter_dir)
+    except Exception as err:  # noqa: BLE001 -- safetensors, json and PEFT report a broken file differently
+        if is_out_of_memory(err) or isinstance(err, FinetuneError):
+            raise
+        raise FinetuneError(f"{adapter_dir}: the adapter cannot be loaded ({one_line(str(err) or type(err).__name__, 160)}); "
+                            "rerun the train stage (`dvc repro train`)") from None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(path: Path) -> None:
-    """Remove temporary siblings of ``path`` left by a killed writer (``.<name>.tmp-<pid>-*``, ``.old-``)."""
+def remove_stale(path: Path) -> list[Path]:
+    """Remove temporary siblings of ``path`` left by a killed writer (``.<name>.tmp-<pid>-*``, ``.old-``);
+    return the ones removed."""
+    path = Path(path)
+    removed = []
     if not path.parent.is_dir():
-        return
+        return removed
     for kind in ("tmp", "old"):
         for sibling in path.parent.glob(f".{path.name}.{kind}-*"):
             pid = sibling.name.removeprefix(f".{path.name}.{kind}-").split("-")[0]
@@ -37,6 +41,14 @@ def remove_stale(path: Path) -> None:
                     shutil.rmtree(sibling, ignore_errors=True)
                 else:
                     sibling.unlink(missing_ok=True)
+                removed.append(sibling)
+    return removed
+
+
+def remove_orphans(paths: Iterable[str | Path]) -> list[Path]:
+    """:func:`remove_stale` for every output path: a stage killed outside DVC leaves its temporary
+    sibling (a whole model, say) until any later command sweeps it."""
+    return [gone for path in dict.fromkeys(map(Path, paths)) for gone in remove_stale(path)]
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -53,6 +65,14 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.tmp-{os.getpid()}-"
 
 
+def _named(path: Path, make: Callable[..., Any], **kwargs: Any) -> Any:
+    """``make(**kwargs)`` (mkstemp / mkdtemp); a failure names ``path``, not the hidden temporary name."""
+    try:
+        return make(**kwargs)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
@@ -64,7 +84,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
+    tmp = Path(_named(path, tempfile.mkdtemp, prefix=_tmp_prefix(path), dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700
     try:
         yield tmp
@@ -87,7 +107,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
+    fd, tmp = _named(path, tempfile.mkstemp, prefix=_tmp_prefix(path), dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -126,3 +146,45 @@ def json_lines(lines: Iterable[str], name: str | Path, hint: str = "") -> Iterat
         except json.JSONDecodeError as exc:
             raise FinetuneError(f"{name}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}){hint}") from None
         yield lineno, value
+
+
+# --------------------------------------------------------------------------------------------
+# checksum manifests: a folder is complete and intact when every file matches the manifest written last
+
+MANIFEST = "finetune-complete.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Mark ``folder`` complete: the sha256 of every file in it, written last and atomically."""
+    files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    write_json(folder / MANIFEST, {"files": files})
+
+
+def manifest_problem(folder: Path, required: tuple[str, ...] = ()) -> str | None:
+    """Why ``folder`` does not match its manifest (missing, unreadable, a file missing or changed), or None."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"incomplete (no {MANIFEST}: the save was interrupted or the folder was not written by finetune)"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    for name in required:
+        if name not in files:
+            return f"no {name}"
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} is corrupt (its sha256 differs from {MANIFEST})"
+    return None

@@ -153,6 +153,10 @@ def format_rows(
     return kept, dropped
 
 
+def _reasons(dropped: Counter) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in dropped.most_common(3))
+
+
 def token_lengths(rows: list[dict], tokenizer: Any) -> list[int]:
     texts = [r["text"] if "text" in r else r["prompt"] + r["completion"] for r in rows]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
@@ -178,6 +182,10 @@ def prepare(recipe: Recipe, out_dir: str | Path, metrics_path: str | Path) -> di
     tokenizer = load_tokenizer(recipe.model)
     kept, dropped = format_rows(raw, spec, tokenizer, recipe.model.num_labels, source)
     truncated = dropped.pop(TRUNCATED, 0)
+    if not kept:
+        raise FinetuneError(f"{source}: all {len(raw)} rows were dropped ({_reasons(dropped)}); " + (
+            "raise data.max_length or set data.on_too_long: truncate" if any("data.max_length" in r for r in dropped)
+            else "fix the data"))
     parts = split_rows(kept, spec, has_test_file=bool(spec.test_path))
     if spec.test_path:
         test_raw = read_local(spec.test_path)
@@ -185,7 +193,9 @@ def prepare(recipe: Recipe, out_dir: str | Path, metrics_path: str | Path) -> di
         truncated += test_dropped.pop(TRUNCATED, 0)
         dropped.update({f"test: {k}": v for k, v in test_dropped.items()})
     if not parts["train"]:
-        raise FinetuneError(f"{source}: no training rows left after the split; lower data.test_size/eval_size")
+        kept_note = f" ({len(kept)} of {len(raw)} rows kept: {_reasons(dropped)})" if dropped else ""
+        raise FinetuneError(f"{source}: no training rows left after the split{kept_note}; "
+                            "lower data.test_size/eval_size")
     lengths = token_lengths(parts["train"], tokenizer)
     metrics = {
         "rows_raw": len(raw),

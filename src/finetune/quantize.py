@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line
 from finetune.outputs import atomic_dir, read_jsonl, write_json
 from finetune.recipe import QuantizeSpec
 
@@ -59,9 +60,24 @@ def convert_f16(merged_dir: Path, out_file: Path) -> float:
         capture_output=True, text=True,
     )
     if proc.returncode != 0:
+        need = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))  # f16 is about bf16's size
+        out_file.unlink(missing_ok=True)  # the free space without the partial file
+        if "No space left on device" in proc.stderr or "[Errno 28]" in proc.stderr or _free(out_file) < need:
+            raise _disk_full(out_file, need)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise FinetuneError(f"{merged_dir}: llama.cpp's converter failed ({last})")
+        raise FinetuneError(f"{merged_dir}: llama.cpp's converter failed ({one_line(last, 200)})")
     return time.perf_counter() - start
+
+
+def _free(path: Path) -> int:
+    return shutil.disk_usage(path.parent).free
+
+
+def _disk_full(path: Path, need: int) -> FinetuneError:
+    return FinetuneError(
+        f"{path}: no space left on device ({_free(path) / 2**20:.0f} MiB free on that disk, the file needs up to "
+        f"{need / 2**20:.0f} MiB); free disk space and rerun (finished outputs are kept)"
+    )
 
 
 def quantize_file(src: Path, dst: Path, qtype: str, threads: int) -> float:
@@ -76,6 +92,9 @@ def quantize_file(src: Path, dst: Path, qtype: str, threads: int) -> float:
     start = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
+        dst.unlink(missing_ok=True)
+        if _free(dst) < src.stat().st_size:  # llama.cpp reports a failed write as a code only
+            raise _disk_full(dst, src.stat().st_size)
         raise FinetuneError(f"quantize.types: llama.cpp could not quantize {src.name} to {qtype} (code {rc})")
     return time.perf_counter() - start
 

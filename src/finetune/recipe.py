@@ -13,13 +13,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line
 
 DType = Literal["float32", "float16", "bfloat16"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `r: true` is not 1 and "16" is not 16 (YAML already types every value); finite: no inf/nan
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Section):
@@ -263,7 +264,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     if kind == "value_error":  # a model validator's message already names the keys
         return f"{source}: {msg.removeprefix('Value error, ')}"
     got = first.get("input")
-    got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+    got_s = "a mapping" if isinstance(got, dict) else one_line(repr(got), 80)
+    if isinstance(got, bool) and kind in ("int_type", "float_type"):
+        msg += " (true/false is a boolean, not a number)"
+    elif kind == "finite_number":
+        msg += " (inf and nan are refused)"
     return f"{source}: key '{key}' = {got_s}: {msg}"
 
 
@@ -277,16 +282,64 @@ def parse_recipe(raw: Any, source: str) -> Recipe:
         raise FinetuneError(format_validation_error(err, source)) from None
 
 
+MAX_NODES = 100_000  # YAML values after aliases are expanded; a recipe has a few hundred
+
+
+def _check_nodes(node: yaml.Node, source: Path) -> None:
+    """Refuse a duplicate key (naming both lines) and aliases that expand past :data:`MAX_NODES` values.
+
+    PyYAML keeps the last of two equal keys, so a second ``lora:`` block would silently replace the
+    first; and ``&a [*b, *b, ...]`` chains grow exponentially ("billion laughs"). Walks the composed
+    node graph, counting an aliased node each time it is reached, and stops at the budget.
+    """
+    budget = MAX_NODES
+    stack: list[tuple[yaml.Node, str]] = [(node, "")]
+    while stack:
+        current, where = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise FinetuneError(f"{source}: the YAML expands to more than {MAX_NODES} values (aliases that "
+                                "repeat aliases); write the values out instead")
+        if isinstance(current, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in current.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
+                    stack.append((value_node, where))
+                    continue
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                line = key_node.start_mark.line + 1
+                name = f"{where}.{key}" if where else str(key)
+                if key in seen:
+                    raise FinetuneError(f"{source}: key '{name}' appears twice (lines {seen[key]} and {line}); "
+                                        "YAML would keep only the second: merge them into one")
+                seen[key] = line
+                stack.append((value_node, name))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(current.value))
+
+
 def read_yaml(path: Path) -> Any:
-    """Read a YAML file, turning syntax errors into one line with line/column."""
+    """Read a YAML file strictly (no duplicate keys, no alias bombs), turning errors into one line."""
+    if path.is_dir():
+        raise FinetuneError(f"{path}: is a folder; give the YAML file (e.g. {path / 'params.yaml'})")
     if not path.is_file():
         raise FinetuneError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_nodes(node, path)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise FinetuneError(f"{path}: YAML syntax error at {where}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise FinetuneError(f"{path}: not valid YAML ({one_line(str(err), 120)})") from None
     except UnicodeDecodeError as err:
         raise FinetuneError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
@@ -302,10 +355,48 @@ RECIPE_DIR = Path("recipes/recipe")
 
 def recipe_path(name: str, root: Path = Path(".")) -> Path:
     """Path of the shipped recipe ``name``; a clear error lists the known ones."""
+    known = sorted(p.stem for p in (root / RECIPE_DIR).glob("*.yaml"))
+    if "/" in name or "\\" in name or name.startswith("."):  # a name, never a path out of recipes/recipe/
+        raise FinetuneError(f"recipe '{name}': give the name of a file in {root / RECIPE_DIR}, not a path "
+                            f"(known recipes: {', '.join(known)})")
     path = root / RECIPE_DIR / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (root / RECIPE_DIR).glob("*.yaml"))
         near = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean '{near[0]}'?" if near else f"known recipes: {', '.join(known)}"
         raise FinetuneError(f"unknown recipe '{name}' (no {path}); {hint}")
     return path
+
+
+def compose_params(name: str, overrides: list[str], root: Path = Path(".")) -> str:
+    """The ``params.yaml`` text that ``dvc exp run -S recipe=NAME -S ...`` composes (Hydra), validated.
+
+    Composes in memory (dvc's ``compose_and_dump`` writes the file first) so that an invalid result,
+    or a refused key such as a hub token, never reaches the disk. The recipe files are read strictly
+    first: Hydra's YAML loader lets aliases expand without limit.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = recipe_path(name, root)
+    config_dir = (root / RECIPE_DIR).parent
+    read_yaml(config_dir / "config.yaml")
+    read_yaml(path)
+    secrets = [o.partition("=")[2] for o in overrides if "token" in o.partition("=")[0].lower() and "=" in o]
+    source = f"{path} with {' '.join(overrides) or 'no overrides'}"
+    for secret in filter(None, secrets):  # an error line must not echo a token either
+        source = source.replace(secret, "<hidden>")
+    try:
+        with initialize_config_dir(str(config_dir.resolve()), version_base=None):
+            cfg = compose(config_name="config", overrides=[f"recipe={name}", *overrides])
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        first = str(err).split("\n\n")[0]  # Hydra appends the config search path after a blank line
+        for secret in filter(None, secrets):
+            first = first.replace(secret, "<hidden>")
+        raise FinetuneError(f"{source}: {one_line(first, 240)}; overrides are key=value (+key=value adds a "
+                            "key the recipe leaves unset)") from None
+    text = OmegaConf.to_yaml(cfg)
+    parse_recipe(yaml.safe_load(text), source)
+    return text

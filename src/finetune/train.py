@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from finetune import checkpoints, distributed, fused_lora
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, errno_of, is_out_of_memory
 from finetune.models import load_model, load_tokenizer
 from finetune.outputs import atomic_dir, read_jsonl, write_json
 from finetune.provenance import provenance
@@ -279,23 +279,64 @@ def _autocast_inputs(model, prec: str):
 
 
 @contextmanager
-def _resource_errors(spec: TrainSpec, where: str | Path) -> Iterator[None]:
+def _resource_errors(recipe: Recipe, where: str | Path) -> Iterator[None]:
     """Out of memory and a full disk become one line that says what to change."""
+    spec = recipe.train
     try:
         yield
-    except torch.OutOfMemoryError:
-        raise FinetuneError(
-            f"train: out of memory (train.batch_size {spec.batch_size}, train.max_length {spec.max_length}); "
-            "lower train.batch_size and raise train.grad_accum, set train.gradient_checkpointing: true, "
-            "or lower train.max_length (train.packing: true avoids padding)"
-        ) from None
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except Exception as err:  # noqa: BLE001 -- only memory and disk faults are translated, the rest re-raised
+        if is_out_of_memory(err):
+            raise FinetuneError(
+                f"train: out of memory (train.batch_size {spec.batch_size}, train.max_length {spec.max_length}, "
+                f"lora.r {recipe.lora.r}); lower train.batch_size and raise train.grad_accum, set "
+                "train.gradient_checkpointing: true, or lower train.max_length (train.packing: true avoids "
+                "padding) or lora.r"
+            ) from None
+        if errno_of(err) not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise FinetuneError(
-            f"{err.filename or where}: no space left on device while saving; free disk space and rerun "
-            "(finished outputs and complete checkpoints are kept)"
+            f"{getattr(err, 'filename', None) or where}: no space left on device while saving; free disk space "
+            "and rerun (finished outputs and complete checkpoints are kept)"
         ) from None
+
+
+def _linear_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers (what lora.target_modules matches)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and name})
+
+
+@contextmanager
+def _building(recipe: Recipe, model) -> Iterator[None]:
+    """Adding the adapter: target modules that match nothing, and memory for a huge ``lora.r``."""
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    lora = recipe.lora
+    try:
+        yield
+    except NoMatchingPeftModuleError:
+        raise FinetuneError(
+            f"lora.target_modules {lora.target_modules}: no layer of the model has that name; its linear layers "
+            f"are {', '.join(_linear_names(model))} (or set lora.target_modules: all-linear)"
+        ) from None
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        raise FinetuneError(
+            f"train: out of memory while adding the LoRA adapter (lora.r {lora.r}); lower lora.r "
+            "(8-64 is usual) or target fewer layers in lora.target_modules"
+        ) from None
+
+
+def _check_rows_left(trainer, data: dict, data_dir: Path, spec: TrainSpec) -> None:
+    """TRL drops rows whose completion is cut away entirely at train.max_length: none may be left."""
+    for name, split in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+        if split is not None and name in data and len(split) == 0:
+            raise FinetuneError(
+                f"{data_dir}/{name}.jsonl: every one of its {len(data[name])} rows is cut to nothing at "
+                f"train.max_length {spec.max_length} tokens (its prompt alone is that long); raise "
+                "train.max_length, or set data.max_length with data.on_too_long: drop so prepare leaves them out"
+            )
 
 
 def train(
@@ -342,15 +383,18 @@ def train(
         kwargs = training_kwargs(spec, prec, str(run)) | checkpoints.trainer_args(spec.save_steps, run)
         build = _classification_trainer if classify else _sft_trainer
         guard, stop = checkpoints.StopOnNonFinite(), checkpoints.StopOnSignal()
-        hooks = [*_dvclive_callback(live_work, resume=resume is not None), guard, stop,
-                 checkpoints.CheckpointCallback(live_work)]
-        trainer = build(recipe, model, tokenizer, {k: v for k, v in data.items() if k != "test"},
-                        kwargs, hooks + list(callbacks or []))
+        saver = checkpoints.CheckpointCallback(live_work, resume)
+        hooks = [*_dvclive_callback(live_work, resume=resume is not None), guard, stop, saver]
+        with _building(recipe, model):
+            trainer = build(recipe, model, tokenizer, {k: v for k, v in data.items() if k != "test"},
+                            kwargs, hooks + list(callbacks or []))
+        saver.trainer = trainer
+        _check_rows_left(trainer, data, Path(data_dir), spec)
         distributed.check_backend(recipe, trainer)
         trainer.add_callback(_model_levers(trainer.model, spec))
         trainable, total = trainer.model.get_nb_trainable_parameters()
         start = time.perf_counter()
-        with stop.installed(), _resource_errors(spec, run), _autocast_inputs(trainer.model, prec):
+        with stop.installed(), _resource_errors(recipe, run), _autocast_inputs(trainer.model, prec):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - start
         history = trainer.state.log_history
@@ -364,8 +408,7 @@ def train(
             raise FinetuneError(
                 f"train: the loss became {bad}; lower train.learning_rate (now {spec.learning_rate})"
             )
-        # a resumed run's own training_loss covers only the steps after the checkpoint
-        loss = result.training_loss if resume is None else checkpoints.logged_mean_loss(history)
+        loss = result.training_loss  # a resumed run's too covers every step (checkpoints.restore_log_state)
         tokens = int(trainer.state.num_input_tokens_seen)
         metrics: dict[str, Any] = {
             "train_loss": round(float(loss), 6),
@@ -392,7 +435,7 @@ def train(
         for config in getattr(trainer.model, "peft_config", {}).values():  # a set: saved in hash order otherwise
             if isinstance(config.target_modules, (set, frozenset)):
                 config.target_modules = sorted(config.target_modules)
-        with _resource_errors(spec, adapter_dir):
+        with _resource_errors(recipe, adapter_dir):
             distributed.save_adapter(trainer, tokenizer, adapter_dir)
         if live_dir and live_work is not None and live_work.is_dir():
             with atomic_dir(live_dir) as tmp:
