@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ def project(tmp_path) -> Path:
     """git + DVC with the real eval stage's command and metrics, on a model that does not exist (so it fails),
     and eval/metrics from an earlier good run."""
     env = pipeline_env()
+    (tmp_path / "bin").mkdir()  # dvc.yaml's commands run bin/project-python (it finds the venv on PATH)
+    shutil.copy2(ROOT / "bin" / "project-python", tmp_path / "bin" / "project-python")
     run(["git", "init", "-q"], tmp_path, env)
     run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path, env)
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
