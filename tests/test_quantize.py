@@ -119,17 +119,32 @@ class _Tok:
 
 
 class _HF:
-    """Greedy HF stand-in: always answers [5, EOS]."""
-
-    class generation_config:  # noqa: N801
-        eos_token_id = 9
+    """Greedy HF stand-in: always answers [5, EOS]; at the first step token 5 leads token 6 by ``gap``."""
 
     device = "cpu"
+
+    def __init__(self, gap=1.0):
+        self.gap = gap
 
     def generate(self, ids, **kw):
         import torch
 
-        return torch.cat([ids, torch.tensor([[5, 9]])], dim=1)
+        first, second = torch.zeros(1, 10), torch.zeros(1, 10)
+        first[0, 5], first[0, 6] = 1.0, 1.0 - self.gap
+        second[0, 9] = 1.0
+
+        class Out:
+            sequences = torch.cat([ids, torch.tensor([[5, 9]])], dim=1)
+            logits = (first, second)
+
+        return Out()
+
+
+def _reference(hf, max_new=8):
+    """What the stage keeps of the HF model before llama.cpp loads a file: greedy tokens + step logits."""
+    from finetune.quantize import greedy_hf
+
+    return [greedy_hf(hf, _Tok()("p")["input_ids"], max_new, {9})]
 
 
 class _Cpp:
@@ -158,29 +173,9 @@ class _Cpp:
 def test_generation_must_stop_at_eos_where_the_hf_model_does():
     from finetune.quantize import check_generation
 
-    assert check_generation(_Cpp("stop"), _HF(), _Tok(), ["p"], 8, "x.gguf")["stopped"] == 1
+    assert check_generation(_Cpp("stop"), _reference(_HF()), _Tok(), {9}, 8, "x.gguf", ["p"])["stopped"] == 1
     with pytest.raises(FinetuneError, match="does not stop at EOS"):
-        check_generation(_Cpp("length"), _HF(), _Tok(), ["p"], 8, "x.gguf")
-
-
-class _HFWithLogits(_HF):
-    """The HF stand-in also gives next-token logits: token 5 leads token 6 by ``gap``."""
-
-    def __init__(self, gap):
-        self.gap = gap
-
-    def __call__(self, ids):
-        import torch
-
-        logits = torch.zeros(1, ids.shape[1], 10)
-        logits[0, -1, 5], logits[0, -1, 6] = 1.0, 1.0 - self.gap
-
-        class Out:
-            pass
-
-        out = Out()
-        out.logits = logits
-        return out
+        check_generation(_Cpp("length"), _reference(_HF()), _Tok(), {9}, 8, "x.gguf", ["p"])
 
 
 class _CppPicks6(_Cpp):
@@ -194,7 +189,7 @@ class _CppPicks6(_Cpp):
 def test_a_numerical_tie_ends_the_comparison_but_a_real_gap_fails():
     from finetune.quantize import check_generation
 
-    counts = check_generation(_CppPicks6("stop"), _HFWithLogits(0.001), _Tok(), ["p"], 4, "x.gguf", 0.01)
+    counts = check_generation(_CppPicks6("stop"), _reference(_HF(0.001), 4), _Tok(), {9}, 4, "x.gguf", ["p"], 0.01)
     assert counts == {"matched": 0, "ties": 1, "stopped": 0}
     with pytest.raises(FinetuneError, match="logit gap 0.5"):
-        check_generation(_CppPicks6("stop"), _HFWithLogits(0.5), _Tok(), ["p"], 4, "x.gguf", 0.01)
+        check_generation(_CppPicks6("stop"), _reference(_HF(0.5), 4), _Tok(), {9}, 4, "x.gguf", ["p"], 0.01)

@@ -188,23 +188,17 @@ class LlamaBackend:
             raise FinetuneError(f"llama.cpp: {err}; start a new conversation (/reset) or raise --ctx") from None
 
 
-def _dtype():
-    import torch
-
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
 def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 4096):
     """Load the backend for ``target`` (HF weights on GPU when present, else CPU)."""
     if target.kind == "gguf":
-        from llama_cpp import Llama
+        from finetune.gguf import open_gguf
 
-        llm = Llama(model_path=str(target.path), n_ctx=ctx, n_threads=threads, verbose=False, seed=0)
-        return LlamaBackend(llm)
+        return LlamaBackend(open_gguf(target.path, ctx, threads))
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.inference import dtype as _dtype
     from finetune.models import load_model, load_tokenizer
 
     if threads:
