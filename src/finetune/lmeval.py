@@ -15,6 +15,7 @@ files and the two MMLU groups from the subject folders of nutcracker-db.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.gguf import ggml_dequantize
 
 log = logging.getLogger(__name__)
 
@@ -257,26 +259,29 @@ def run(
         check_code_execution(tm, tasks, allow_code_execution)
         check_data_files(tm, tasks)
         doc_ids = _first_docs(tm, tasks, task_limits) if task_limits else None
+        # a GGUF: transformers dequantizes it, through llama.cpp's code on every core (gguf.ggml_dequantize)
+        fast_load = ggml_dequantize() if model_args.get("gguf_file") else contextlib.nullcontext()
         try:
-            out = lm_eval.simple_evaluate(
-                model="hf",
-                model_args=model_args,
-                tasks=tasks,
-                num_fewshot=num_fewshot,
-                batch_size=batch_size,
-                device=device,
-                limit=limit,
-                samples=doc_ids,
-                log_samples=True,
-                apply_chat_template=apply_chat_template,
-                confirm_run_unsafe_code=allow_code_execution,
-                task_manager=tm,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                bootstrap_iters=1000,  # only non-mean metrics bootstrap; ours all have closed-form stderr
-            )
+            with fast_load:
+                out = lm_eval.simple_evaluate(
+                    model="hf",
+                    model_args=model_args,
+                    tasks=tasks,
+                    num_fewshot=num_fewshot,
+                    batch_size=batch_size,
+                    device=device,
+                    limit=limit,
+                    samples=doc_ids,
+                    log_samples=True,
+                    apply_chat_template=apply_chat_template,
+                    confirm_run_unsafe_code=allow_code_execution,
+                    task_manager=tm,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                    bootstrap_iters=1000,  # only non-mean metrics bootstrap; ours all have closed-form stderr
+                )
         except AssertionError as err:  # lm-eval asserts that every `samples` index exists
             if "--samples" not in str(err):
                 raise
