@@ -87,7 +87,8 @@ start() {
     && unpack "$HERE/llama-cpp-src.tar.xz" /tmp/lcp || { echo "unpack failed"; exit 1; }
   export PYTHONPATH=/tmp/site-llama:/tmp/site
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  echo "cores $(nproc)"; free -g | head -2; df -h / /dev/shm | tail -2; nvcc --version | tail -1
+  find_nvcc; echo "cores $(nproc); nvcc $(command -v nvcc) $(nvcc --version | tail -1)"; free -g | head -2
+  df -h / /dev/shm | tail -2
   "$PY" - <<'EOF'
 import importlib, importlib.metadata as md
 for m in ["torch", "transformers", "peft", "trl", "bitsandbytes", "liger_kernel", "lm_eval", "datasets", "pyarrow",
@@ -102,7 +103,16 @@ EOF
   echo "job started (pid $!)"
 }
 
+find_nvcc() {
+  command -v nvcc >/dev/null && return
+  local d
+  for d in /usr/local/cuda/bin /usr/local/cuda-*/bin /opt/cuda/bin; do
+    [ -x "$d/nvcc" ] && export PATH=$PATH:$d && return
+  done
+}
+
 job() {
+  find_nvcc
   export PYTHONPATH=/tmp/site-llama:/tmp/site PYTHONUNBUFFERED=1
   export LLAMA_CPP_CONVERTER=/tmp/lcp/$LLAMA/vendor/llama.cpp/convert_hf_to_gguf.py
   # llama-cpp-python with CUDA, beside the first stages: sm_90 only (this host's H200), ninja, every core
