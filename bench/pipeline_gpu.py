@@ -349,8 +349,12 @@ def main_run(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------ table
 def table(paths: list[Path]) -> str:
-    """The README table (recipe x stage x time x memory x disk) from the JSONL files."""
-    lines = ["| recipe | stage | time | peak GPU GiB | peak RSS GiB | disk GiB | ok |", "|---|---|---|---|---|---|---|"]
+    """The README table (run x stage x time x memory x disk) from the JSONL files."""
+    def num(value, fmt="{:.1f}"):
+        return "-" if value is None else fmt.format(value)
+
+    lines = ["| run | recipe | stage | time | peak GPU GiB | peak RSS GiB | disk GiB | outputs GiB | ok |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         for line in path.read_text().splitlines():
             row = json.loads(line)
@@ -358,10 +362,10 @@ def table(paths: list[Path]) -> str:
                 continue
             secs = row["seconds"]
             when = f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.1f} min"
-            gpu = "-" if row.get("peak_gpu_gib") is None else f"{row['peak_gpu_gib']:.1f}"
             name = f"**{row['stage']}**" if row["stage"] == "total" else row["stage"]
-            lines.append(f"| {row['recipe']} | {name} | {when} | {gpu} | {row['peak_rss_gib']:.1f} | "
-                         f"{row['disk_gib']:.1f} | {'yes' if row.get('ok') else 'no'} |")
+            lines.append(f"| {path.name} | {row['recipe']} | {name} | {when} | {num(row.get('peak_gpu_gib'))} | "
+                         f"{num(row.get('peak_rss_gib'))} | {num(row.get('disk_gib'))} | {num(row.get('outs_gib'))} | "
+                         f"{'yes' if row.get('ok') else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from finetune import gguf, humaneval, inference, lmeval
+from finetune import gguf_process, humaneval, inference, lmeval
 from finetune.models import load_tokenizer, resolve_source
 from finetune.outputs import atomic_dir, write_json, write_jsonl
 from finetune.provenance import provenance
@@ -70,13 +70,13 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
 
 
 def generate_gguf(path: Path, prompts: list[str], max_new_tokens: int, threads: int,
-                  temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Completions through llama.cpp (all layers on a GPU when there is one, prompts decoded side by side)."""
-    llm = gguf.open_gguf(path, 2048, threads, seed=seed)
-    try:
-        return gguf.complete(llm, prompts, max_new_tokens, temperature=temperature, seed=seed)
-    finally:
-        del llm
+                  temperature: float = 0.0, seed: int = 0) -> tuple[list[str], str]:
+    """Completions through llama.cpp, in its own process (finetune.gguf_process): all layers on a GPU when
+    there is one, prompts decoded side by side. Returns the texts and where they ran (cuda or cpu)."""
+    out = gguf_process.call("generate", {"path": str(path), "n_ctx": 2048, "prompts": prompts,
+                                         "max_tokens": max_new_tokens, "temperature": temperature,
+                                         "seed": seed, "threads": threads})
+    return out["texts"], out["device"]
 
 
 def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any) -> tuple[dict, list[dict]]:
@@ -91,9 +91,8 @@ def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any) -> tuple[dict, 
     progress("eval: %s: HumanEval, %d completions of up to %d tokens", variant["name"], len(prompts),
              spec.humaneval_max_new_tokens)
     if variant["kind"] == "gguf":
-        texts = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.cpu_threads,
-                              temperature, spec.seed)
-        device = gguf.device_name()
+        texts, device = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.cpu_threads,
+                                      temperature, spec.seed)
     else:
         model = inference.load(variant["spec"])
         texts = generate_hf(model, tokenizer, prompts, spec.humaneval_max_new_tokens, spec.batch_size, temperature)

@@ -16,6 +16,7 @@ import functools
 import logging
 from pathlib import Path
 
+from finetune.errors import FinetuneError
 from finetune.recipe import available_cores
 
 log = logging.getLogger(__name__)
@@ -32,18 +33,10 @@ def gpu_layers() -> int:
 
     if llama_cpp.llama_supports_gpu_offload():
         return -1
-    if _torch_sees_cuda():
-        log.warning("a CUDA GPU is present but llama.cpp is the CPU build: GGUF files run on the CPU; "
+    if Path("/proc/driver/nvidia/version").exists():  # the driver, asked without torch (gguf_process)
+        log.warning("an NVIDIA GPU is present but llama.cpp is the CPU build: GGUF files run on the CPU; "
                     "rebuild llama-cpp-python with `make install GGML_CUDA=on` (the CUDA image does)")
     return 0
-
-
-def _torch_sees_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
 
 
 def device_name() -> str:
@@ -210,9 +203,14 @@ class _TypeTraits(ctypes.Structure):
 
 @functools.cache
 def _ggml():
-    import llama_cpp
+    """llama.cpp's libggml-base (CPU code, no CUDA) alone: importing llama_cpp would load its CUDA
+    backend into this process, which already holds torch (finetune.gguf_process says why not)."""
+    import importlib.util
 
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise FinetuneError("llama-cpp-python is not installed; run `make install`")
+    lib = ctypes.CDLL(str(Path(list(spec.submodule_search_locations)[0]) / "lib" / "libggml-base.so"))
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     return lib

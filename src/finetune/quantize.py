@@ -6,7 +6,8 @@ Converts with llama.cpp's own ``convert_hf_to_gguf.py`` (to f16), quantizes with
   tokenizer's, and prompts tokenize identically;
 - f16: greedy generation matches the merged HF model token for token on held-out prompts;
 - every type: perplexity on held-out text next to the HF model's, and a generation stops at EOS.
-A mismatch fails the stage naming the prompt and the first differing token.
+A mismatch fails the stage naming the prompt and the first differing token. llama.cpp runs in a
+process of its own (:mod:`finetune.gguf_process`: its CUDA build and torch crash in one process).
 
 The HF side runs first and is freed before llama.cpp loads a file (its greedy tokens and every
 step's logits are kept), so the two never share the GPU: at 8B the stage fits a 24 GB card. On a
@@ -29,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from finetune import gguf, inference
+from finetune import gguf_process, inference
 from finetune.errors import FinetuneError
 from finetune.outputs import atomic_dir, read_jsonl, require_free, write_json
 from finetune.recipe import QuantizeSpec
@@ -78,19 +78,11 @@ def convert_f16(merged_dir: Path, out_file: Path) -> float:
 
 
 def quantize_file(src: Path, dst: Path, qtype: str, threads: int) -> float:
-    """f16 GGUF -> ``qtype`` GGUF through llama.cpp; returns seconds."""
-    import llama_cpp
-
+    """f16 GGUF -> ``qtype`` GGUF through llama.cpp (in its own process); returns seconds."""
     if qtype not in FTYPES:
         raise FinetuneError(f"quantize.types: '{qtype}' is not a llama.cpp type; use one of f16, {', '.join(FTYPES)}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPES[qtype])
-    params.nthread = threads
-    start = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0 or not dst.is_file():
-        raise FinetuneError(f"quantize.types: llama.cpp could not quantize {src.name} to {qtype} (code {rc})")
-    return time.perf_counter() - start
+    return gguf_process.call("quantize", {"src": str(src), "dst": str(dst), "qtype": qtype, "ftype": FTYPES[qtype],
+                                          "threads": threads})["seconds"]
 
 
 def tensor_types(path: Path) -> tuple[dict[str, int], int]:
@@ -120,42 +112,31 @@ def disk_needed(merged_dir: Path, types: list[str]) -> float:
 # checks
 
 
-def check_tokenizer(llm, tokenizer, prompts: list[str], name: str) -> None:
-    """Special tokens are single, equal ids on both sides; prompts tokenize identically."""
-    specials = {t for t in [tokenizer.bos_token, tokenizer.eos_token, *tokenizer.all_special_tokens] if t}
-    for token in sorted(specials):
+def specials(tokenizer) -> list[str]:
+    return sorted({t for t in [tokenizer.bos_token, tokenizer.eos_token, *tokenizer.all_special_tokens] if t})
+
+
+def check_tokenizer(cpp: dict, tokenizer, prompts: list[str], name: str) -> None:
+    """Special tokens are single, equal ids on both sides; prompts tokenize identically (``cpp``: what
+    llama.cpp made of them, from gguf_process's ``inspect``)."""
+    for token in specials(tokenizer):
         hf_ids = tokenizer.convert_tokens_to_ids([token])
-        cpp_ids = llm.tokenize(token.encode(), add_bos=False, special=True)
+        cpp_ids = cpp["specials"][token]
         if len(cpp_ids) != 1 or cpp_ids != hf_ids:
             raise FinetuneError(f"{name}: special token {token!r} is {cpp_ids} in the GGUF but {hf_ids} in the HF tokenizer")
-    if tokenizer.eos_token_id is not None and llm.token_eos() != tokenizer.eos_token_id:
+    if tokenizer.eos_token_id is not None and cpp["eos"] != tokenizer.eos_token_id:
         raise FinetuneError(
-            f"{name}: EOS id is {llm.token_eos()} in the GGUF but {tokenizer.eos_token_id} "
+            f"{name}: EOS id is {cpp['eos']} in the GGUF but {tokenizer.eos_token_id} "
             f"({tokenizer.eos_token!r}) in the HF tokenizer; generations would not stop"
         )
-    add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, cpp_ids) in enumerate(zip(prompts, cpp["prompts"])):
         hf_ids = tokenizer(prompt)["input_ids"]
-        cpp_ids = llm.tokenize(prompt.encode(), add_bos=add_bos, special=True)
         if cpp_ids != hf_ids:
             at = next((i for i, (a, b) in enumerate(zip(hf_ids, cpp_ids)) if a != b), min(len(hf_ids), len(cpp_ids)))
             raise FinetuneError(
                 f"{name}: prompt {index} tokenizes differently at token {at} "
                 f"(HF {hf_ids[at:at + 3]} vs GGUF {cpp_ids[at:at + 3]})"
             )
-
-
-def greedy_cpp(llm, prompt_ids: list[int], max_new: int, eos: set[int]) -> list[int]:
-    llm.reset()
-    llm.eval(prompt_ids)
-    out: list[int] = []
-    for _ in range(max_new):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        if token in eos:
-            break
-        llm.eval([token])
-    return out
 
 
 @dataclass
@@ -181,18 +162,19 @@ def greedy_hf(model, prompt_ids: list[int], max_new: int, eos: set[int]) -> Gree
     return Greedy(prompt_ids, out.sequences[0, len(prompt_ids):].tolist(), [s[0].float().cpu() for s in out.logits])
 
 
-def check_generation(llm, reference: list[Greedy], tokenizer, eos: set[int], max_new: int, name: str,
-                     prompts: list[str], tie_tolerance: float = 0.0) -> dict[str, int]:
-    """Greedy tokens from llama.cpp equal the HF model's (``reference``, one per prompt).
+def check_generation(cpp_greedy: list[list[int]], finish: dict[str, str], reference: list[Greedy], tokenizer,
+                     eos: set[int], name: str, prompts: list[str], tie_tolerance: float = 0.0) -> dict[str, int]:
+    """Greedy tokens from llama.cpp (``cpp_greedy``, one list per prompt) equal the HF model's (``reference``).
 
     Where they part, the HF model's logit for its own token must lead the GGUF's token by no more
     than ``tie_tolerance`` (a numerical tie between f16 and f32 arithmetic); then that prompt's
     comparison ends there. Anything larger fails the stage. Where the HF model stopped at EOS,
-    llama.cpp's own completion loop must stop there too. Returns counts: matched, ties, stopped.
+    llama.cpp's own completion loop must stop there too (``finish``: its finish reason per prompt
+    index). Returns counts: matched, ties, stopped.
     """
     counts = {"matched": 0, "ties": 0, "stopped": 0}
-    for index, (prompt, ref) in enumerate(zip(prompts, reference)):
-        hf, cpp = ref.tokens, greedy_cpp(llm, ref.prompt, max_new, eos)
+    for index, (prompt, ref, cpp) in enumerate(zip(prompts, reference, cpp_greedy)):
+        hf = ref.tokens
         if hf != cpp:
             at = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), min(len(hf), len(cpp)))
             both = at < len(hf) and at < len(cpp)
@@ -209,10 +191,9 @@ def check_generation(llm, reference: list[Greedy], tokenizer, eos: set[int], max
             )
         counts["matched"] += 1
         if hf and hf[-1] in eos:
-            llm.reset()
-            finish = llm.create_completion(ref.prompt, max_tokens=max_new + 1, temperature=0.0)["choices"][0]["finish_reason"]
-            if finish != "stop":
-                raise FinetuneError(f"{name}: llama.cpp does not stop at EOS on prompt {index} (finish: {finish})")
+            if finish.get(str(index)) != "stop":
+                raise FinetuneError(f"{name}: llama.cpp does not stop at EOS on prompt {index} "
+                                    f"(finish: {finish.get(str(index))})")
             counts["stopped"] += 1
     return counts
 
@@ -223,29 +204,12 @@ def eos_set(model, tokenizer) -> set[int]:
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-def _nll(logits: np.ndarray, targets: list[int]) -> float:
-    logits = logits.astype(np.float64)
-    top = logits.max(axis=-1, keepdims=True)
-    logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1)))
-    return float((logz - logits[np.arange(len(targets)), targets]).sum())
-
-
-def perplexity_cpp(llm, sequences: list[list[int]]) -> float:
-    total, count = 0.0, 0
-    for ids in sequences:
-        llm.reset()
-        llm.eval(ids)
-        total += _nll(np.asarray(llm.scores[: len(ids) - 1]), ids[1:])
-        count += len(ids) - 1
-    return math.exp(total / count)
-
-
 @torch.inference_mode()
 def perplexity_hf(model, sequences: list[list[int]]) -> float:
     total, count = 0.0, 0
     for ids in sequences:
         logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1].float().cpu().numpy()
-        total += _nll(logits, ids[1:])
+        total += gguf_process.nll(logits, ids[1:])
         count += len(ids) - 1
     return math.exp(total / count)
 
@@ -292,8 +256,8 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
     reference = [greedy_hf(model, ids, spec.verify_tokens, eos) for ids in prompt_ids]
     del model
     inference.release()
-    if gguf.gpu_layers():  # float32 sums in llama.cpp's cuBLAS products too (the module docstring says why)
-        os.environ.setdefault("GGML_CUDA_CUBLAS_COMPUTE_TYPE", "f32")
+    # float32 sums in llama.cpp's cuBLAS products too (the module docstring says why); the CPU build ignores it
+    os.environ.setdefault("GGML_CUDA_CUBLAS_COMPUTE_TYPE", "f32")
 
     results: dict[str, dict[str, Any]] = {}
     with atomic_dir(out_dir) as tmp:
@@ -307,18 +271,20 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
         for qtype in ["f16", *[t for t in spec.types if t != "f16"]]:
             path = tmp / f"{name}-{qtype}.gguf"
             label = f"{name}-{qtype}.gguf"
-            progress("quantize: checking %s on %s", label, gguf.device_name())
-            llm = gguf.open_gguf(path, n_ctx, spec.cpu_threads, logits_all=True)
-            check_tokenizer(llm, tokenizer, prompts, label)
+            progress("quantize: checking %s", label)
+            cpp = gguf_process.call("inspect", {
+                "path": str(path), "n_ctx": n_ctx, "threads": spec.cpu_threads, "specials": specials(tokenizer),
+                "prompts": prompts, "prompt_ids": prompt_ids, "max_new": spec.verify_tokens, "eos": sorted(eos),
+                "stop_check": [i for i, r in enumerate(reference) if qtype == "f16" and r.tokens and r.tokens[-1] in eos],
+                "sequences": sequences})
+            check_tokenizer(cpp, tokenizer, prompts, label)
             if qtype == "f16":
-                gen = check_generation(llm, reference, tokenizer, eos, spec.verify_tokens, label, prompts,
+                gen = check_generation(cpp["greedy"], cpp["finish"], reference, tokenizer, eos, label, prompts,
                                        spec.tie_tolerance)
                 stopped = gen["stopped"]
             else:
-                outs = [greedy_cpp(llm, ids, spec.verify_tokens, eos) for ids in prompt_ids]
-                stopped = sum(bool(o) and o[-1] in eos for o in outs)
-            ppl = perplexity_cpp(llm, sequences)
-            del llm
+                stopped = sum(bool(o) and o[-1] in eos for o in cpp["greedy"])
+            ppl = cpp["perplexity"]
             if not math.isfinite(ppl):
                 raise FinetuneError(f"{label}: perplexity is {ppl}; the file is broken")
             if qtype == "f16" and abs(ppl / hf_ppl - 1) > F16_PPL_TOLERANCE:
