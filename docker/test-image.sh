@@ -34,7 +34,7 @@ fi
 PIP_CACHE=$(.venv/bin/pip cache dir 2>/dev/null || echo "$HOME/.cache/pip")
 mounts=(-v "$PIP_CACHE:/root/.cache/pip")
 build_args=(--build-arg "BASE=$BASE_IMAGE" --build-arg "BUILD_BASE=$BASE_IMAGE"
-            --build-arg LOCK=requirements/cpu.lock --build-arg "SOURCE_COMMIT=$(git rev-parse HEAD)")
+            --build-arg LOCK=requirements/cpu.lock --build-arg GGML_CUDA=off --build-arg "SOURCE_COMMIT=$(git rev-parse HEAD)")
 if [[ -d "${TORCH_WHEELS:-/opt/wheels}" ]]; then
   mounts+=(-v "${TORCH_WHEELS:-/opt/wheels}:/wheels:ro")
   build_args+=(--build-arg PIP_FIND_LINKS=/wheels)

@@ -119,82 +119,75 @@ class _Tok:
 
 
 class _HF:
-    """Greedy HF stand-in: always answers [5, EOS]."""
-
-    class generation_config:  # noqa: N801
-        eos_token_id = 9
+    """Greedy HF stand-in: always answers [5, EOS]; at the first step token 5 leads token 6 by ``gap``."""
 
     device = "cpu"
+
+    def __init__(self, gap=1.0):
+        self.gap = gap
 
     def generate(self, ids, **kw):
         import torch
 
-        return torch.cat([ids, torch.tensor([[5, 9]])], dim=1)
+        first, second = torch.zeros(1, 10), torch.zeros(1, 10)
+        first[0, 5], first[0, 6] = 1.0, 1.0 - self.gap
+        second[0, 9] = 1.0
+
+        class Out:
+            sequences = torch.cat([ids, torch.tensor([[5, 9]])], dim=1)
+            logits = (first, second)
+
+        return Out()
 
 
-class _Cpp:
-    """llama.cpp stand-in producing the same greedy tokens; its completion loop reports `finish`."""
+def _reference(hf, max_new=8):
+    """What the stage keeps of the HF model before llama.cpp loads a file: greedy tokens + step logits."""
+    from finetune.quantize import greedy_hf
 
-    def __init__(self, finish):
-        self.finish, self.n_tokens, self.tokens = finish, 0, []
-
-    def reset(self):
-        self.n_tokens, self.tokens = 0, []
-
-    def eval(self, ids):
-        self.tokens += list(ids)
-        self.n_tokens = len(self.tokens)
-
-    @property
-    def scores(self):
-        rows = np.zeros((self.n_tokens, 10))
-        rows[-1, 5 if self.tokens[-1] != 5 else 9] = 1.0
-        return rows
-
-    def create_completion(self, ids, **kw):
-        return {"choices": [{"finish_reason": self.finish}]}
+    return [greedy_hf(hf, _Tok()("p")["input_ids"], max_new, {9})]
 
 
 def test_generation_must_stop_at_eos_where_the_hf_model_does():
     from finetune.quantize import check_generation
 
-    assert check_generation(_Cpp("stop"), _HF(), _Tok(), ["p"], 8, "x.gguf")["stopped"] == 1
+    same = [[5, 9]]  # llama.cpp's greedy tokens equal the HF model's
+    assert check_generation(same, {"0": "stop"}, _reference(_HF()), _Tok(), {9}, "x.gguf", ["p"])["stopped"] == 1
     with pytest.raises(FinetuneError, match="does not stop at EOS"):
-        check_generation(_Cpp("length"), _HF(), _Tok(), ["p"], 8, "x.gguf")
-
-
-class _HFWithLogits(_HF):
-    """The HF stand-in also gives next-token logits: token 5 leads token 6 by ``gap``."""
-
-    def __init__(self, gap):
-        self.gap = gap
-
-    def __call__(self, ids):
-        import torch
-
-        logits = torch.zeros(1, ids.shape[1], 10)
-        logits[0, -1, 5], logits[0, -1, 6] = 1.0, 1.0 - self.gap
-
-        class Out:
-            pass
-
-        out = Out()
-        out.logits = logits
-        return out
-
-
-class _CppPicks6(_Cpp):
-    @property
-    def scores(self):
-        rows = np.zeros((self.n_tokens, 10))
-        rows[-1, 6] = 1.0
-        return rows
+        check_generation(same, {"0": "length"}, _reference(_HF()), _Tok(), {9}, "x.gguf", ["p"])
 
 
 def test_a_numerical_tie_ends_the_comparison_but_a_real_gap_fails():
     from finetune.quantize import check_generation
 
-    counts = check_generation(_CppPicks6("stop"), _HFWithLogits(0.001), _Tok(), ["p"], 4, "x.gguf", 0.01)
+    picks6 = [[6, 9]]  # llama.cpp's first token is 6 where the HF model's is 5
+    counts = check_generation(picks6, {}, _reference(_HF(0.001), 4), _Tok(), {9}, "x.gguf", ["p"], 0.01)
     assert counts == {"matched": 0, "ties": 1, "stopped": 0}
     with pytest.raises(FinetuneError, match="logit gap 0.5"):
-        check_generation(_CppPicks6("stop"), _HFWithLogits(0.5), _Tok(), ["p"], 4, "x.gguf", 0.01)
+        check_generation(picks6, {}, _reference(_HF(0.5), 4), _Tok(), {9}, "x.gguf", ["p"], 0.01)
+
+
+def test_llama_cpp_runs_in_a_process_without_torch(tiny_llama_256, tmp_path, monkeypatch):
+    """llama.cpp's CUDA build crashes beside torch (gguf_process): the stages' llama.cpp calls go to a
+    child that never imports it, errors come back as one line, and a child with torch loaded refuses."""
+    import json
+    import sys
+
+    import torch  # noqa: F401 -- the caller holds torch, as the stage does
+
+    from finetune import gguf_process
+    from finetune.quantize import convert_f16
+
+    gguf_file = tmp_path / "t.gguf"
+    convert_f16(tiny_llama_256, gguf_file)
+    out = gguf_process.call("generate", {"path": str(gguf_file), "n_ctx": 256, "prompts": ["a", "b c"],
+                                         "max_tokens": 4, "temperature": 0.0, "seed": 0, "threads": 1})
+    assert len(out["texts"]) == 2 and out["device"] == "cpu" and "torch" in sys.modules
+    with pytest.raises(FinetuneError, match="could not quantize t.gguf to q8_0") as err:
+        gguf_process.call("quantize", {"src": str(gguf_file), "dst": str(tmp_path / "no" / "x.gguf"), "qtype": "q8_0",
+                                       "ftype": "LLAMA_FTYPE_MOSTLY_Q8_0", "threads": 1})
+    assert "\n" not in str(err.value)
+    # in this (torch-holding) process the child's entry point refuses to answer
+    monkeypatch.setitem(gguf_process.COMMANDS, "noop", lambda req: {})
+    (tmp_path / "in.json").write_text("{}")
+    gguf_process.main(["noop", str(tmp_path / "in.json"), str(tmp_path / "out.json")])
+    assert "torch was imported" in json.loads((tmp_path / "out.json").read_text())["error"]

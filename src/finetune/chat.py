@@ -189,27 +189,17 @@ class LlamaBackend:
             raise FinetuneError(f"llama.cpp: {err}; start a new conversation (/reset) or raise --ctx") from None
 
 
-def _dtype():
-    import torch
-
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
 def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 4096):
     """Load the backend for ``target`` (HF weights on GPU when present, else CPU)."""
     if target.kind == "gguf":
-        from llama_cpp import Llama
+        from finetune.gguf import open_gguf
 
-        try:
-            llm = Llama(model_path=str(target.path), n_ctx=ctx, n_threads=threads, verbose=False, seed=0)
-        except ValueError as err:  # llama-cpp-python: "Failed to load model from file: ..."
-            raise FinetuneError(f"{target.path}: llama.cpp cannot load it ({one_line(str(err), 120)}); the file may be "
-                                "truncated or not a GGUF: rerun `dvc repro quantize` or fetch it again") from None
-        return LlamaBackend(llm)
+        return LlamaBackend(open_gguf(target.path, ctx, threads))
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.inference import dtype as _dtype
     from finetune.models import check_adapter, load_adapter, load_model, load_tokenizer
 
     if threads:

@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("finetune.progress").setLevel(logging.INFO)  # what a long stage is doing now
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.command != "clean":

@@ -10,6 +10,7 @@ Reads the ``model`` and ``eval`` sections.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from pathlib import Path
@@ -17,12 +18,13 @@ from typing import Any
 
 import torch
 
-from finetune import humaneval, lmeval, sandbox
-from finetune.models import load_model, load_tokenizer, resolve_source
+from finetune import gguf_process, humaneval, inference, lmeval, sandbox
+from finetune.models import load_tokenizer, resolve_source
 from finetune.outputs import atomic_dir, write_json, write_jsonl
 from finetune.provenance import provenance
 from finetune.recipe import EvalSpec, ModelSpec, Recipe
 
+progress = logging.getLogger("finetune.progress").info
 CHAT_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
 STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 
@@ -51,30 +53,30 @@ def extract_completion(text: str, problem: dict, style: str) -> str:
 
 
 @torch.inference_mode()
-def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | str,
                 temperature: float = 0.0) -> list[str]:
-    """Greedy (temperature 0) or sampled completions, batched with left padding."""
+    """Greedy (temperature 0) or sampled completions, batched with left padding (``auto``: see
+    :func:`finetune.inference.in_batches`)."""
     tokenizer.padding_side = "left"
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+
+    def run(chunk: list[str]) -> list[str]:
+        batch = tokenizer(list(chunk), return_tensors="pt", padding=True).to(model.device)
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              **sampling)
-        out.extend(tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
-    return out
+        return tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return inference.in_batches(prompts, batch_size, run)
 
 
 def generate_gguf(path: Path, prompts: list[str], max_new_tokens: int, threads: int,
-                  temperature: float = 0.0, seed: int = 0) -> list[str]:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, verbose=False, seed=seed)
-    try:
-        return [llm.create_completion(p, max_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
-                                      seed=seed + i)["choices"][0]["text"] for i, p in enumerate(prompts)]
-    finally:
-        del llm
+                  temperature: float = 0.0, seed: int = 0) -> tuple[list[str], str]:
+    """Completions through llama.cpp, in its own process (finetune.gguf_process): all layers on a GPU when
+    there is one, prompts decoded side by side. Returns the texts and where they ran (cuda or cpu)."""
+    out = gguf_process.call("generate", {"path": str(path), "n_ctx": 2048, "prompts": prompts,
+                                         "max_tokens": max_new_tokens, "temperature": temperature,
+                                         "seed": seed, "threads": threads})
+    return out["texts"], out["device"]
 
 
 def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any) -> tuple[dict, list[dict]]:
@@ -86,18 +88,25 @@ def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any) -> tuple[dict, 
     task_ids = [tid for tid in problems for _ in range(n)]
     prompts = [humaneval_prompt(problems[tid], tokenizer, spec.humaneval_prompt) for tid in task_ids]
     start = time.perf_counter()
+    progress("eval: %s: HumanEval, %d completions of up to %d tokens", variant["name"], len(prompts),
+             spec.humaneval_max_new_tokens)
     if variant["kind"] == "gguf":
-        texts = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.threads,
-                              temperature, spec.seed)
+        texts, device = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.cpu_threads,
+                                      temperature, spec.seed)
     else:
-        model = load_model(variant["spec"], torch.float32).eval()
+        model = inference.load(variant["spec"])
         texts = generate_hf(model, tokenizer, prompts, spec.humaneval_max_new_tokens, spec.batch_size, temperature)
+        device = str(model.device.type)
         del model
+        inference.release()
+    generation_seconds = time.perf_counter() - start
     samples = [{"task_id": tid, "completion": extract_completion(t, problems[tid], spec.humaneval_prompt)}
                for tid, t in zip(task_ids, texts)]
     ks = tuple(k for k in (1, 10, 100) if k <= n)
-    metrics, results = humaneval.evaluate(problems, samples, k=ks, timeout=spec.humaneval_timeout)
-    metrics |= {"generation_seconds": round(time.perf_counter() - start, 2), "samples_per_problem": n,
+    metrics, results = humaneval.evaluate(problems, samples, k=ks, timeout=spec.humaneval_timeout,
+                                          workers=spec.cpu_threads)
+    metrics |= {"generation_seconds": round(generation_seconds, 2), "device": device,
+                "samples_per_problem": n,
                 "prompt_style": spec.humaneval_prompt, "max_new_tokens": spec.humaneval_max_new_tokens,
                 "decoding": "greedy" if temperature == 0 else f"sampled (temperature {temperature}, top_p 0.95)",
                 "seed": spec.seed, "backend": "llama.cpp" if variant["kind"] == "gguf" else "transformers"}
@@ -147,12 +156,14 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
             if runs_code:
                 entry["sandbox"] = sandbox.isolation()
             if spec.tasks:
+                progress("eval: %s: lm-eval %s", name, ", ".join(spec.tasks))
                 path, gguf_file = _lmeval_target(variant)
                 scored = lmeval.run(
                     path, list(spec.tasks), gguf_file=gguf_file, data_dir=spec.data_dir,
                     prepared_dir=str(prepared_dir), num_fewshot=spec.num_fewshot,
-                    batch_size=spec.batch_size, limit=spec.task_limit, seed=spec.seed,
-                    device="cuda" if torch.cuda.is_available() else "cpu",
+                    batch_size=inference.batch_size(spec.batch_size), limit=spec.task_limit,
+                    task_limits=dict(spec.task_limits), seed=spec.seed,
+                    device=inference.device(), dtype=inference.dtype_name(),
                     allow_code_execution="ft_mbpp" in spec.tasks,
                     # names outside eval/tasks are lm-eval's own (hub) tasks: online runs only
                     include_defaults=any(not t.startswith("ft_") for t in spec.tasks),

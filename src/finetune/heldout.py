@@ -7,15 +7,20 @@ Reads the ``model`` and ``eval`` sections.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from finetune import inference
 from finetune.errors import FinetuneError
-from finetune.models import load_model, load_tokenizer
+from finetune.models import load_tokenizer
 from finetune.outputs import atomic_dir, read_jsonl, write_json, write_jsonl
 from finetune.recipe import EvalSpec, ModelSpec, Recipe
+
+
+progress = logging.getLogger("finetune.progress").info
 
 
 def normalize(text: str) -> str:
@@ -31,9 +36,9 @@ def exact_match(prediction: str, reference: str) -> bool:
 def generate(model, tokenizer, prompts: list[str], spec: EvalSpec) -> list[str]:
     """Greedy completions, batched with left padding, stopping at EOS."""
     tokenizer.padding_side = "left"
-    outputs: list[str] = []
-    for start in range(0, len(prompts), spec.batch_size):
-        batch = tokenizer(prompts[start : start + spec.batch_size], return_tensors="pt", padding=True)
+
+    def run(chunk: list[str]) -> list[str]:
+        batch = tokenizer(list(chunk), return_tensors="pt", padding=True)
         ids = model.generate(
             **batch.to(model.device),
             max_new_tokens=spec.max_new_tokens,
@@ -41,30 +46,34 @@ def generate(model, tokenizer, prompts: list[str], spec: EvalSpec) -> list[str]:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=model.generation_config.eos_token_id,
         )
-        new = ids[:, batch["input_ids"].shape[1] :]
-        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    return outputs
+        return tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    return inference.in_batches(prompts, spec.batch_size, run)
 
 
 @torch.inference_mode()
 def classify(model, tokenizer, texts: list[str], spec: EvalSpec, max_length: int = 512) -> list[int]:
-    preds: list[int] = []
-    for start in range(0, len(texts), spec.batch_size):
-        batch = tokenizer(texts[start : start + spec.batch_size], return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_length)
-        preds.extend(model(**batch.to(model.device)).logits.argmax(-1).tolist())
-    return preds
+    def run(chunk: list[str]) -> list[int]:
+        batch = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        return model(**batch.to(model.device)).logits.argmax(-1).tolist()
+
+    return inference.in_batches(texts, spec.batch_size, run)
 
 
 def score(model_spec: ModelSpec, rows: list[dict], spec: EvalSpec) -> tuple[float, list[Any]]:
     """(score, per-row predictions) for one model."""
+    progress("heldout: %s, %d rows", model_spec.id, len(rows))
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, torch.float32).eval()
+    model = inference.load(model_spec)
     if model_spec.task == "sequence_classification":
         preds = classify(model, tokenizer, [r["text"] for r in rows], spec)
-        return sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows), preds
-    preds = generate(model, tokenizer, [r["prompt"] for r in rows], spec)
-    return sum(exact_match(p, r["completion"]) for p, r in zip(preds, rows)) / len(rows), preds
+        result = sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows)
+    else:
+        preds = generate(model, tokenizer, [r["prompt"] for r in rows], spec)
+        result = sum(exact_match(p, r["completion"]) for p, r in zip(preds, rows)) / len(rows)
+    del model
+    inference.release()  # the next model gets the GPU memory
+    return result, preds
 
 
 def heldout(recipe: Recipe, data_dir: str | Path, merged_dir: str | Path, metrics_path: str | Path,

@@ -15,6 +15,7 @@ files and the two MMLU groups from the subject folders of nutcracker-db.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.gguf import ggml_dequantize
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ PLACEHOLDERS = ("{data_dir}", "{prepared_dir}")
 MMLU_DB = "nutcracker-db/db"
 MMLU_QUICK = ("computer_security", "jurisprudence", "us_foreign_policy", "global_facts")
 DTYPES = ("float32", "float16", "bfloat16", "auto")
+# With batch_size "auto", lm-eval probes its batch size on rows of the model's full context (8192
+# tokens for Llama-3), which leaves generation (GSM8K) at a batch of 8 on an H200. The shipped tasks'
+# longest rows (GSM8K 5-shot + 256 generated tokens, the longest MMLU questions) fit in 2048 tokens.
+AUTO_MAX_LENGTH = 2048
 
 
 # --------------------------------------------------------------------------------- rendering
@@ -206,8 +212,9 @@ def run(
     data_dir: str | Path = DEFAULT_DATA_DIR,
     prepared_dir: str | Path = DEFAULT_PREPARED_DIR,
     num_fewshot: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     limit: int | float | None = None,
+    task_limits: dict[str, int] | None = None,
     seed: int = 1234,
     device: str = "cpu",
     dtype: str = "float32",
@@ -216,6 +223,10 @@ def run(
     include_defaults: bool = False,
 ) -> dict[str, Any]:
     """Score a local model (folder, ``pypi:`` package or GGUF) on the project's lm-eval tasks.
+
+    ``limit`` applies to every task; ``task_limits`` instead to the named tasks (or each task of a
+    named group), the first N documents, the others unlimited. ``batch_size="auto"``: lm-eval's
+    search from 64 down, probing rows of AUTO_MAX_LENGTH tokens (the context is then that long).
 
     Returns ``{"results": {task: {metric: value}}, "config": {...}, "samples": [...]}``:
     ``results`` holds every task and group lm-eval reported (stderr included, ``n`` = documents
@@ -231,7 +242,11 @@ def run(
             "lm-eval task 'ft_quickstart_heldout': its prompts are already chat-templated; "
             "run it with apply_chat_template off"
         )
+    if task_limits and limit is not None:
+        raise FinetuneError("lm-eval: give limit or task_limits, not both")
     model_args, source = _model_args(model_path, gguf_file, dtype)
+    if batch_size == "auto":
+        model_args["max_length"] = AUTO_MAX_LENGTH
 
     import lm_eval
     import torch
@@ -243,24 +258,35 @@ def run(
         check_task_names(tm, tasks)
         check_code_execution(tm, tasks, allow_code_execution)
         check_data_files(tm, tasks)
-        out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=model_args,
-            tasks=tasks,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            device=device,
-            limit=limit,
-            log_samples=True,
-            apply_chat_template=apply_chat_template,
-            confirm_run_unsafe_code=allow_code_execution,
-            task_manager=tm,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            bootstrap_iters=1000,  # only non-mean metrics bootstrap; ours all have closed-form stderr
-        )
+        doc_ids = _first_docs(tm, tasks, task_limits) if task_limits else None
+        # a GGUF: transformers dequantizes it, through llama.cpp's code on every core (gguf.ggml_dequantize)
+        fast_load = ggml_dequantize() if model_args.get("gguf_file") else contextlib.nullcontext()
+        try:
+            with fast_load:
+                out = lm_eval.simple_evaluate(
+                    model="hf",
+                    model_args=model_args,
+                    tasks=tasks,
+                    num_fewshot=num_fewshot,
+                    batch_size=batch_size,
+                    device=device,
+                    limit=limit,
+                    samples=doc_ids,
+                    log_samples=True,
+                    apply_chat_template=apply_chat_template,
+                    confirm_run_unsafe_code=allow_code_execution,
+                    task_manager=tm,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                    bootstrap_iters=1000,  # only non-mean metrics bootstrap; ours all have closed-form stderr
+                )
+        except AssertionError as err:  # lm-eval asserts that every `samples` index exists
+            if "--samples" not in str(err):
+                raise
+            has = str(err).split("In this case, ")[-1]
+            raise FinetuneError(f"eval.task_limits: more documents than a task has ({has})") from None
     if out is None:  # only on non-zero ranks of a distributed run
         raise FinetuneError("lm-eval returned no results (not the main process?)")
 
@@ -287,6 +313,7 @@ def run(
         "device": device,
         "dtype": dtype,
         "limit": limit,
+        **({"task_limits": dict(task_limits)} if task_limits else {}),
         "max_length": out.get("max_length"),
         "seeds": {"random": seed, "numpy": seed, "torch": seed, "fewshot": seed},
         "chat_template": bool(apply_chat_template),
@@ -298,6 +325,19 @@ def run(
                      "torch": torch.__version__},
     }
     return {"results": results, "config": config, "samples": samples}
+
+
+def _first_docs(tm, tasks: list[str], task_limits: dict[str, int]) -> dict[str, list[int]]:
+    """lm-eval's ``samples`` argument: the first N document indices of each limited leaf task."""
+    wanted = {c["task"] for t in tasks for c in _leaf_configs(tm, t)}
+    out: dict[str, list[int]] = {}
+    for name, n in task_limits.items():
+        check_task_names(tm, [name])
+        leaves = {c["task"] for c in _leaf_configs(tm, name)} & wanted
+        if not leaves:
+            raise FinetuneError(f"eval.task_limits: '{name}' is not among eval.tasks ({', '.join(tasks)})")
+        out |= {leaf: list(range(n)) for leaf in sorted(leaves)}
+    return out
 
 
 def _version(dist: str) -> str | None:

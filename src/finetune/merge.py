@@ -1,6 +1,7 @@
 """Stage ``merge``: fold the LoRA adapter into the base loaded in 16-bit -> a standalone model.
 
-The adapter must match the sha256 manifest train wrote. Never merges into 4-bit weights (that loses quality): the base is reloaded in ``merge.dtype``.
+The adapter must match the sha256 manifest train wrote. Never merges into 4-bit weights (that loses quality): the
+base is reloaded in ``merge.dtype``, on the CPU: host RAM holds the whole 16-bit model (16 GB at 8B), no GPU is needed.
 Saves weights, tokenizer, chat template and a generation config whose EOS matches the tokenizer.
 Reads the ``model`` and ``merge`` sections.
 """
@@ -12,7 +13,7 @@ from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.models import check_adapter, load_adapter, load_model, torch_dtype
-from finetune.outputs import atomic_dir
+from finetune.outputs import atomic_dir, require_free
 from finetune.recipe import Recipe
 
 
@@ -43,6 +44,8 @@ def merge(recipe: Recipe, adapter_dir: str | Path, out_dir: str | Path) -> dict[
         gen.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    require_free(out_dir, 1.02 * weights, f"the merged {recipe.merge.dtype} model")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -102,6 +102,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def require_free(path: str | Path, need_bytes: float, what: str) -> None:
+    """Stop before writing ``what`` when the filesystem that will hold ``path`` has less than
+    ``need_bytes`` free (one line naming both amounts), rather than filling the disk halfway."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise FinetuneError(f"{path}: {what} needs {need_bytes / 2**30:.1f} GiB free on the disk of {probe}, "
+                            f"which has {free / 2**30:.1f} GiB; free space there and rerun")
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)

@@ -6,27 +6,36 @@ Converts with llama.cpp's own ``convert_hf_to_gguf.py`` (to f16), quantizes with
   tokenizer's, and prompts tokenize identically;
 - f16: greedy generation matches the merged HF model token for token on held-out prompts;
 - every type: perplexity on held-out text next to the HF model's, and a generation stops at EOS.
-A mismatch fails the stage naming the prompt and the first differing token.
+A mismatch fails the stage naming the prompt and the first differing token. llama.cpp runs in a
+process of its own (:mod:`finetune.gguf_process`: its CUDA build and torch crash in one process).
+
+The HF side runs first and is freed before llama.cpp loads a file (its greedy tokens and every
+step's logits are kept), so the two never share the GPU: at 8B the stage fits a 24 GB card. On a
+GPU both sides compute in float32: the HF model through :func:`finetune.inference.reference_model`,
+llama.cpp's cuBLAS products through ``GGML_CUDA_CUBLAS_COMPUTE_TYPE=f32`` (its f16 default rounds
+sums of 4096-14336 products to 11 bits, more than the checks' tolerances).
 Reads the ``quantize`` section (and ``name`` for file names).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from finetune import gguf_process, inference
 from finetune.errors import FinetuneError, one_line
-from finetune.outputs import atomic_dir, read_jsonl, write_json
+from finetune.outputs import atomic_dir, read_jsonl, require_free, write_json
 from finetune.recipe import QuantizeSpec
 
 # llama.cpp file types; f16/bf16 come straight from the converter
@@ -41,7 +50,11 @@ FTYPES = {
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
+progress = logging.getLogger("finetune.progress").info
 F16_PPL_TOLERANCE = 0.02  # f16 perplexity may differ from the HF model's by at most 2%
+# file bits per weight (llama.cpp's tables, rounded up) to know the disk a stage needs before writing
+BITS_PER_WEIGHT = {"f16": 16.0, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_0": 5.5, "q4_k_m": 4.9,
+                   "q4_k_s": 4.6, "q4_0": 4.5, "q3_k_m": 3.9, "q2_k": 3.4}
 
 
 def converter_path() -> Path:
@@ -81,22 +94,17 @@ def _disk_full(path: Path, need: int) -> FinetuneError:
 
 
 def quantize_file(src: Path, dst: Path, qtype: str, threads: int) -> float:
-    """f16 GGUF -> ``qtype`` GGUF through llama.cpp; returns seconds."""
-    import llama_cpp
-
+    """f16 GGUF -> ``qtype`` GGUF through llama.cpp (in its own process); returns seconds."""
     if qtype not in FTYPES:
         raise FinetuneError(f"quantize.types: '{qtype}' is not a llama.cpp type; use one of f16, {', '.join(FTYPES)}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPES[qtype])
-    params.nthread = threads
-    start = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0 or not dst.is_file():
+    request = {"src": str(src), "dst": str(dst), "qtype": qtype, "ftype": FTYPES[qtype], "threads": threads}
+    try:
+        return gguf_process.call("quantize", request)["seconds"]
+    except FinetuneError:
         dst.unlink(missing_ok=True)
         if _free(dst) < src.stat().st_size:  # llama.cpp reports a failed write as a code only
-            raise _disk_full(dst, src.stat().st_size)
-        raise FinetuneError(f"quantize.types: llama.cpp could not quantize {src.name} to {qtype} (code {rc})")
-    return time.perf_counter() - start
+            raise _disk_full(dst, src.stat().st_size) from None
+        raise
 
 
 def tensor_types(path: Path) -> tuple[dict[str, int], int]:
@@ -112,33 +120,39 @@ def tensor_types(path: Path) -> tuple[dict[str, int], int]:
     return dict(sorted(counts.items())), n_params
 
 
-def open_gguf(path: Path, n_ctx: int, threads: int, logits_all: bool = False):
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, logits_all=logits_all, verbose=False, seed=0)
+def disk_needed(merged_dir: Path, types: list[str]) -> float:
+    """Bytes the GGUF files will take: the f16 file (always written first) and every other type."""
+    config = json.loads((merged_dir / "config.json").read_text())
+    saved = {"float32": 4, "float16": 2, "bfloat16": 2}.get(config.get("dtype") or config.get("torch_dtype"), 2)
+    weights = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in merged_dir.glob("*.bin"))
+    params = weights / saved
+    return 1.02 * params / 8 * sum(BITS_PER_WEIGHT[t] for t in {"f16", *types})
 
 
 # ---------------------------------------------------------------------------------------------
 # checks
 
 
-def check_tokenizer(llm, tokenizer, prompts: list[str], name: str) -> None:
-    """Special tokens are single, equal ids on both sides; prompts tokenize identically."""
-    specials = {t for t in [tokenizer.bos_token, tokenizer.eos_token, *tokenizer.all_special_tokens] if t}
-    for token in sorted(specials):
+def specials(tokenizer) -> list[str]:
+    return sorted({t for t in [tokenizer.bos_token, tokenizer.eos_token, *tokenizer.all_special_tokens] if t})
+
+
+def check_tokenizer(cpp: dict, tokenizer, prompts: list[str], name: str) -> None:
+    """Special tokens are single, equal ids on both sides; prompts tokenize identically (``cpp``: what
+    llama.cpp made of them, from gguf_process's ``inspect``)."""
+    for token in specials(tokenizer):
         hf_ids = tokenizer.convert_tokens_to_ids([token])
-        cpp_ids = llm.tokenize(token.encode(), add_bos=False, special=True)
+        cpp_ids = cpp["specials"][token]
         if len(cpp_ids) != 1 or cpp_ids != hf_ids:
             raise FinetuneError(f"{name}: special token {token!r} is {cpp_ids} in the GGUF but {hf_ids} in the HF tokenizer")
-    if tokenizer.eos_token_id is not None and llm.token_eos() != tokenizer.eos_token_id:
+    if tokenizer.eos_token_id is not None and cpp["eos"] != tokenizer.eos_token_id:
         raise FinetuneError(
-            f"{name}: EOS id is {llm.token_eos()} in the GGUF but {tokenizer.eos_token_id} "
+            f"{name}: EOS id is {cpp['eos']} in the GGUF but {tokenizer.eos_token_id} "
             f"({tokenizer.eos_token!r}) in the HF tokenizer; generations would not stop"
         )
-    add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, cpp_ids) in enumerate(zip(prompts, cpp["prompts"])):
         hf_ids = tokenizer(prompt)["input_ids"]
-        cpp_ids = llm.tokenize(prompt.encode(), add_bos=add_bos, special=True)
         if cpp_ids != hf_ids:
             at = next((i for i, (a, b) in enumerate(zip(hf_ids, cpp_ids)) if a != b), min(len(hf_ids), len(cpp_ids)))
             raise FinetuneError(
@@ -147,53 +161,46 @@ def check_tokenizer(llm, tokenizer, prompts: list[str], name: str) -> None:
             )
 
 
-def greedy_cpp(llm, prompt_ids: list[int], max_new: int, eos: set[int]) -> list[int]:
-    llm.reset()
-    llm.eval(prompt_ids)
-    out: list[int] = []
-    for _ in range(max_new):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        if token in eos:
-            break
-        llm.eval([token])
-    return out
+@dataclass
+class Greedy:
+    """The merged model's greedy continuation of one prompt and its logits at every step (on the CPU)."""
+
+    prompt: list[int]
+    tokens: list[int]
+    logits: list[torch.Tensor]
+
+    def gap(self, at: int, got: int) -> float:
+        """How far the HF model's own pick at step ``at`` leads ``got``."""
+        step = self.logits[at]
+        return float(step[self.tokens[at]] - step[got])
 
 
 @torch.inference_mode()
-def greedy_hf(model, prompt_ids: list[int], max_new: int, eos: set[int]) -> list[int]:
+def greedy_hf(model, prompt_ids: list[int], max_new: int, eos: set[int]) -> Greedy:
     ids = torch.tensor([prompt_ids], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-                         eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
-    return out[0, len(prompt_ids):].tolist()
+                         eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0], output_logits=True,
+                         return_dict_in_generate=True)
+    return Greedy(prompt_ids, out.sequences[0, len(prompt_ids):].tolist(), [s[0].float().cpu() for s in out.logits])
 
 
-@torch.inference_mode()
-def logit_gap(model, prompt_ids: list[int], generated: list[int], want: int, got: int) -> float:
-    """How far the HF model's own pick ``want`` leads ``got`` at the step after ``generated``."""
-    ids = torch.tensor([prompt_ids + generated], device=model.device)
-    logits = model(ids).logits[0, -1].float()
-    return float(logits[want] - logits[got])
-
-
-def check_generation(llm, model, tokenizer, prompts: list[str], max_new: int, name: str,
-                     tie_tolerance: float = 0.0) -> dict[str, int]:
-    """Greedy tokens from llama.cpp equal the HF model's.
+def check_generation(cpp_greedy: list[list[int]], finish: dict[str, str], reference: list[Greedy], tokenizer,
+                     eos: set[int], name: str, prompts: list[str], tie_tolerance: float = 0.0) -> dict[str, int]:
+    """Greedy tokens from llama.cpp (``cpp_greedy``, one list per prompt) equal the HF model's (``reference``).
 
     Where they part, the HF model's logit for its own token must lead the GGUF's token by no more
     than ``tie_tolerance`` (a numerical tie between f16 and f32 arithmetic); then that prompt's
     comparison ends there. Anything larger fails the stage. Where the HF model stopped at EOS,
-    llama.cpp's own completion loop must stop there too. Returns counts: matched, ties, stopped.
+    llama.cpp's own completion loop must stop there too (``finish``: its finish reason per prompt
+    index). Returns counts: matched, ties, stopped.
     """
-    eos = eos_set(model, tokenizer)
     counts = {"matched": 0, "ties": 0, "stopped": 0}
-    for index, prompt in enumerate(prompts):
-        ids = tokenizer(prompt)["input_ids"]
-        hf, cpp = greedy_hf(model, ids, max_new, eos), greedy_cpp(llm, ids, max_new, eos)
+    for index, (prompt, ref, cpp) in enumerate(zip(prompts, reference, cpp_greedy)):
+        hf = ref.tokens
         if hf != cpp:
             at = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), min(len(hf), len(cpp)))
             both = at < len(hf) and at < len(cpp)
-            gap = logit_gap(model, ids, hf[:at], hf[at], cpp[at]) if both else float("inf")
+            gap = ref.gap(at, cpp[at]) if both else float("inf")
             if gap <= tie_tolerance:
                 counts["ties"] += 1
                 continue
@@ -206,10 +213,9 @@ def check_generation(llm, model, tokenizer, prompts: list[str], max_new: int, na
             )
         counts["matched"] += 1
         if hf and hf[-1] in eos:
-            llm.reset()
-            finish = llm.create_completion(ids, max_tokens=max_new + 1, temperature=0.0)["choices"][0]["finish_reason"]
-            if finish != "stop":
-                raise FinetuneError(f"{name}: llama.cpp does not stop at EOS on prompt {index} (finish: {finish})")
+            if finish.get(str(index)) != "stop":
+                raise FinetuneError(f"{name}: llama.cpp does not stop at EOS on prompt {index} "
+                                    f"(finish: {finish.get(str(index))})")
             counts["stopped"] += 1
     return counts
 
@@ -220,29 +226,12 @@ def eos_set(model, tokenizer) -> set[int]:
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-def _nll(logits: np.ndarray, targets: list[int]) -> float:
-    logits = logits.astype(np.float64)
-    top = logits.max(axis=-1, keepdims=True)
-    logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1)))
-    return float((logz - logits[np.arange(len(targets)), targets]).sum())
-
-
-def perplexity_cpp(llm, sequences: list[list[int]]) -> float:
-    total, count = 0.0, 0
-    for ids in sequences:
-        llm.reset()
-        llm.eval(ids)
-        total += _nll(np.asarray(llm.scores[: len(ids) - 1]), ids[1:])
-        count += len(ids) - 1
-    return math.exp(total / count)
-
-
 @torch.inference_mode()
 def perplexity_hf(model, sequences: list[list[int]]) -> float:
     total, count = 0.0, 0
     for ids in sequences:
         logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1].float().cpu().numpy()
-        total += _nll(logits, ids[1:])
+        total += gguf_process.nll(logits, ids[1:])
         count += len(ids) - 1
     return math.exp(total / count)
 
@@ -260,7 +249,7 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
     """
     from finetune.handoff import write_handoff
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     merged_dir = Path(merged_dir)
     if not (merged_dir / "config.json").is_file():
@@ -277,33 +266,47 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
     prompts = [r["prompt"] for r in rows[: spec.verify_prompts]]
     texts = [r["prompt"] + r["completion"] for r in rows[: spec.ppl_rows]]
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(device).eval()
+    require_free(out_dir, disk_needed(merged_dir, list(spec.types)), f"GGUF {', '.join(spec.types)}")
     sequences = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    n_ctx = max(len(s) for s in [*sequences, *(tokenizer(p)["input_ids"] for p in prompts)]) + spec.verify_tokens + 8
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    n_ctx = max(len(s) for s in [*sequences, *prompt_ids]) + spec.verify_tokens + 8
+    # the HF side first, then its memory goes back: llama.cpp gets the whole GPU
+    progress("quantize: the merged model's perplexity and greedy tokens (the reference, on %s)", inference.device())
+    model = inference.reference_model(merged_dir)
+    eos = eos_set(model, tokenizer)
     hf_ppl = perplexity_hf(model, sequences)
+    reference = [greedy_hf(model, ids, spec.verify_tokens, eos) for ids in prompt_ids]
+    del model
+    inference.release()
+    # float32 sums in llama.cpp's cuBLAS products too (the module docstring says why); the CPU build ignores it
+    os.environ.setdefault("GGML_CUDA_CUBLAS_COMPUTE_TYPE", "f32")
 
     results: dict[str, dict[str, Any]] = {}
     with atomic_dir(out_dir) as tmp:
         f16 = tmp / f"{name}-f16.gguf"
+        progress("quantize: converting to f16 (llama.cpp's converter)")
         seconds = {"f16": convert_f16(merged_dir, f16)}
         for qtype in spec.types:
             if qtype != "f16":
-                seconds[qtype] = quantize_file(f16, tmp / f"{name}-{qtype}.gguf", qtype, spec.threads)
+                progress("quantize: f16 -> %s (%d threads)", qtype, spec.cpu_threads)
+                seconds[qtype] = quantize_file(f16, tmp / f"{name}-{qtype}.gguf", qtype, spec.cpu_threads)
         for qtype in ["f16", *[t for t in spec.types if t != "f16"]]:
             path = tmp / f"{name}-{qtype}.gguf"
             label = f"{name}-{qtype}.gguf"
-            llm = open_gguf(path, n_ctx, spec.threads, logits_all=True)
-            check_tokenizer(llm, tokenizer, prompts, label)
+            progress("quantize: checking %s", label)
+            cpp = gguf_process.call("inspect", {
+                "path": str(path), "n_ctx": n_ctx, "threads": spec.cpu_threads, "specials": specials(tokenizer),
+                "prompts": prompts, "prompt_ids": prompt_ids, "max_new": spec.verify_tokens, "eos": sorted(eos),
+                "stop_check": [i for i, r in enumerate(reference) if qtype == "f16" and r.tokens and r.tokens[-1] in eos],
+                "sequences": sequences})
+            check_tokenizer(cpp, tokenizer, prompts, label)
             if qtype == "f16":
-                gen = check_generation(llm, model, tokenizer, prompts, spec.verify_tokens, label, spec.tie_tolerance)
+                gen = check_generation(cpp["greedy"], cpp["finish"], reference, tokenizer, eos, label, prompts,
+                                       spec.tie_tolerance)
                 stopped = gen["stopped"]
             else:
-                eos = eos_set(model, tokenizer)
-                outs = [greedy_cpp(llm, tokenizer(p)["input_ids"], spec.verify_tokens, eos) for p in prompts]
-                stopped = sum(bool(o) and o[-1] in eos for o in outs)
-            ppl = perplexity_cpp(llm, sequences)
-            del llm
+                stopped = sum(bool(o) and o[-1] in eos for o in cpp["greedy"])
+            ppl = cpp["perplexity"]
             if not math.isfinite(ppl):
                 raise FinetuneError(f"{label}: perplexity is {ppl}; the file is broken")
             if qtype == "f16" and abs(ppl / hf_ppl - 1) > F16_PPL_TOLERANCE:

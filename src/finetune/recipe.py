@@ -7,8 +7,9 @@ line naming the file, the key and what would fix it (the nearest valid key for a
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,6 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from finetune.errors import FinetuneError, one_line
 
 DType = Literal["float32", "float16", "bfloat16"]
+Threads = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(value: int | str) -> int:
+    """llama.cpp threads: a number as given; ``auto``: every core available to this process."""
+    return available_cores() if value == "auto" else int(value)
 
 
 class _Section(BaseModel):
@@ -168,7 +183,11 @@ class QuantizeSpec(_Section):
     tie_tolerance: float = Field(
         0.01, ge=0, description="f16 greedy check: a parting where the HF logits of the two tokens are this close is a tie"
     )
-    threads: int = Field(2, ge=1)
+    threads: Threads = Field("auto", description="llama.cpp threads; auto: the cores available to the process")
+
+    @property
+    def cpu_threads(self) -> int:
+        return resolve_threads(self.threads)
 
 
 class EvalSpec(_Section):
@@ -176,9 +195,16 @@ class EvalSpec(_Section):
 
     limit: int | None = Field(None, ge=1, description="Score at most this many held-out rows")
     max_new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="HF generation and lm-eval batch; auto: as large as fits on a GPU "
+        "(lm-eval's own search), 16 on the CPU"
+    )
     tasks: list[str] = Field(default_factory=lambda: ["ft_arc_easy"], description="lm-eval tasks")
     task_limit: int | None = Field(None, ge=1, description="Documents per lm-eval task (None: all)")
+    task_limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="The first N documents of the named tasks (a group: of each of its "
+        "tasks), e.g. {ft_gsm8k: 250}; the others get task_limit"
+    )
     num_fewshot: int | None = Field(None, ge=0, description="None: each task's own default")
     data_dir: str = Field("eval/data", description="Root of the local benchmark files (shipped in eval/data)")
     humaneval_limit: int | None = Field(None, ge=0, description="HumanEval problems (None: all 164; 0: skip)")
@@ -192,7 +218,18 @@ class EvalSpec(_Section):
         "rlimits-only runs it unconfined and is for machines where that is acceptable")
     gguf_types: list[str] | None = Field(None, description="GGUF types to score (None: every file)")
     seed: int = 1234
-    threads: int = Field(2, ge=1)
+    threads: Threads = Field("auto", description="llama.cpp threads; auto: the cores available to the process")
+
+    @property
+    def cpu_threads(self) -> int:
+        return resolve_threads(self.threads)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> EvalSpec:
+        if self.task_limits and self.task_limit is not None:
+            raise ValueError("eval.task_limit and eval.task_limits are both set: lm-eval takes one kind of limit; "
+                             "set task_limit: null or task_limits: {}")
+        return self
 
 
 class Recipe(_Section):
