@@ -208,8 +208,9 @@ def workspace(work: Path, recipe: str, base: Path, bundle_dir: Path, overrides: 
     raw = bundle_dir / "data" / RECIPES[recipe][1]
     (work / "data").mkdir()  # the prepare stage's `data` dependency
     shutil.copyfile(raw, work / "data" / raw.name)
-    sets = [f"model.id={base}", "data.id=null", f"data.local_path=data/{raw.name}",
-            f"eval.data_dir={(bundle_dir / 'data').resolve()}", *overrides]
+    # the eval suite's files where dvc.yaml's eval stage expects them (eval.data_dir's default, a dependency)
+    shutil.copytree(bundle_dir / "data", work / "eval" / "data")
+    sets = [f"model.id={base}", "data.id=null", f"data.local_path=data/{raw.name}", *overrides]
     subprocess.run([sys.executable, "-m", "finetune", "use", recipe, *sets], cwd=work, env=env, check=True)
     if use_dvc:
         dvc = [sys.executable, "-m", "dvc"]
@@ -262,7 +263,9 @@ def stage_env(bin_dir: Path, work: Path) -> dict:
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     shim.chmod(0o755)
     path = os.environ.get("PYTHONPATH", "")
+    # FINETUNE_VENV: bin/project-python (dvc.yaml's interpreter) runs <FINETUNE_VENV>/bin/python, the shim
     return os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": f"{work / 'src'}:{path}".rstrip(":"),
+                         "FINETUNE_VENV": str(bin_dir.parent),
                          "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                          "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
 
