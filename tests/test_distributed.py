@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from conftest import ROOT, adapter_tensors, live_curve, recipe_dict
-from finetune.outputs import write_jsonl
-from finetune.recipe import Recipe
+from finetune.core.outputs import write_jsonl
+from finetune.core.recipe import Recipe
 
 ROWS = [{"prompt": f"<|im_start|>user\nWhat is {i} + {i % 7}?<|im_end|>\n<|im_start|>assistant\n",
          "completion": str(i + i % 7)} for i in range(40)]
@@ -43,7 +43,7 @@ def run_train(params: Path, data: Path, out: Path) -> dict:
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_with_double_batch(tiny_llama, tmp_path, monkeypatch):
     """2 x batch 4 (DDP over gloo, launched by `accelerate launch`) == 1 x batch 8, step for step."""
-    from finetune.merge import merge
+    from finetune.stages.merge import merge
 
     monkeypatch.chdir(ROOT)  # the shipped recipes/accelerate/ddp.yaml is found from the repo root
     data = tmp_path / "prepared"
@@ -77,7 +77,7 @@ def test_two_gloo_processes_match_one_with_double_batch(tiny_llama, tmp_path, mo
 @pytest.mark.slow
 def test_two_gloo_processes_qlora_match_one(tiny_llama, tmp_path, monkeypatch):
     """The same with a 4-bit base (bitsandbytes on CPU): DDP + QLoRA, and merge loads its adapter."""
-    from finetune.merge import merge
+    from finetune.stages.merge import merge
 
     monkeypatch.chdir(ROOT)
     data = tmp_path / "prepared"
@@ -95,13 +95,13 @@ def test_two_gloo_processes_qlora_match_one(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_launch_command_uses_the_shipped_config(tiny_llama, tmp_path, monkeypatch):
-    from finetune import distributed
+    from finetune.training import distributed
 
     monkeypatch.chdir(ROOT)
     params = write_params(tmp_path / "p.yaml", tiny_llama, 4, mode="ddp", num_processes=3)
     recipe = Recipe.model_validate(yaml.safe_load(params.read_text()))
     cmd = distributed.launch_command(recipe, ["--params", "p.yaml", "train"])
-    assert cmd[1:3] == ["-m", "finetune.distributed"]
+    assert cmd[1:3] == ["-m", "finetune.training.distributed"]
     assert cmd[cmd.index("--config_file") + 1] == "recipes/accelerate/ddp.yaml"
     assert cmd[cmd.index("--num_processes") + 1] == "3"
     assert cmd[-5:] == ["-m", "finetune", "--params", "p.yaml", "train"]
@@ -145,8 +145,8 @@ def test_fsdp2_sharded_lora_gathers_to_an_adapter_merge_loads(tiny_llama, tmp_pa
     import subprocess
     import sys
 
-    from finetune.distributed import free_port
-    from finetune.merge import merge
+    from finetune.stages.merge import merge
+    from finetune.training.distributed import free_port
 
     worker = str(ROOT / "tests" / "fsdp2_gloo_worker.py")
     sharded, ref = tmp_path / "sharded", tmp_path / "ref"
@@ -161,7 +161,7 @@ def test_fsdp2_sharded_lora_gathers_to_an_adapter_merge_loads(tiny_llama, tmp_pa
     recipe = Recipe.model_validate(yaml.safe_load(write_params(tmp_path / "p.yaml", tiny_llama, 4).read_text()))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.outputs import write_manifest
+    from finetune.core.outputs import write_manifest
 
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)  # as save_adapter writes it,
     write_manifest(sharded)  # with the manifest merge checks
@@ -171,8 +171,8 @@ def test_fsdp2_sharded_lora_gathers_to_an_adapter_merge_loads(tiny_llama, tmp_pa
 
 
 def test_quant_storage_reaches_bitsandbytes():
-    from finetune.models import quantization_config
-    from finetune.recipe import QuantSpec
+    from finetune.core.models import quantization_config
+    from finetune.core.recipe import QuantSpec
 
     assert quantization_config(QuantSpec(mode="4bit")).bnb_4bit_quant_storage == torch.uint8
     assert quantization_config(QuantSpec(mode="4bit", quant_storage="bfloat16")).bnb_4bit_quant_storage == torch.bfloat16

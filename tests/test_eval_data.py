@@ -8,8 +8,8 @@ import hashlib
 from pathlib import Path
 
 from conftest import ROOT
-from finetune import lmeval
-from finetune.recipe import EvalSpec
+from finetune.benchmarks import lmeval
+from finetune.core.recipe import EvalSpec
 
 DATA = ROOT / "eval" / "data"
 HEADER = "| file | rows | sha256 | source repo @ commit : path | licence |"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.evaluate import extract_completion, humaneval_prompt
-from finetune.humaneval import evaluate as score, load_problems
-from finetune.report import markdown, rows_from
+from finetune.benchmarks.humaneval import evaluate as score, load_problems
+from finetune.stages.eval import extract_completion, humaneval_prompt
+from finetune.use.report import markdown, rows_from
 
 PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "entry_point": "add",
            "test": "def check(f):\n    assert f(1, 2) == 3\n", "canonical_solution": "    return a + b\n"}
@@ -67,9 +67,9 @@ def test_report_rows_and_markdown():
 
 
 def test_humaneval_sampling_for_pass_at_k(tiny_llama):
-    from finetune.evaluate import run_humaneval
-    from finetune.models import load_tokenizer
-    from finetune.recipe import EvalSpec, ModelSpec
+    from finetune.core.models import load_tokenizer
+    from finetune.core.recipe import EvalSpec, ModelSpec
+    from finetune.stages.eval import run_humaneval
 
     spec = EvalSpec(humaneval_limit=2, humaneval_samples=3, humaneval_max_new_tokens=8, batch_size=6,
                     humaneval_prompt="completion", humaneval_timeout=5)

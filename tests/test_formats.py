@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.errors import FinetuneError
-from finetune.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, BadRow, format_row
-from finetune.recipe import DataSpec
+from finetune.core.errors import FinetuneError
+from finetune.core.recipe import DataSpec
+from finetune.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, BadRow, format_row
 
 
 def spec(fmt: str, **kw) -> DataSpec:
@@ -15,8 +15,8 @@ def spec(fmt: str, **kw) -> DataSpec:
 
 @pytest.fixture(scope="module")
 def tok(smollm_tokenizer_dir):
-    from finetune.models import load_tokenizer
-    from finetune.recipe import ModelSpec
+    from finetune.core.models import load_tokenizer
+    from finetune.core.recipe import ModelSpec
 
     return load_tokenizer(ModelSpec(id=str(smollm_tokenizer_dir)))
 

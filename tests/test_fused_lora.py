@@ -1,4 +1,4 @@
-"""finetune.fused_lora: the addmm LoRA forward equals PEFT's, in values and gradients, or is not used."""
+"""finetune.training.fused_lora: the addmm LoRA forward equals PEFT's, in values and gradients, or is not used."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import saved_bytes
-from finetune import fused_lora
+from finetune.training import fused_lora
 
 
 def _peft_model(model_dir, dtype=torch.float32, **lora):

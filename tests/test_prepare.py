@@ -8,12 +8,12 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import recipe_dict, shared
 
-from finetune.errors import FinetuneError
-from finetune.outputs import read_jsonl
-from finetune.prepare import format_rows, length_stats, prepare, read_local, split_rows
-from finetune.recipe import DataSpec, parse_recipe
+from conftest import recipe_dict, shared
+from finetune.core.errors import FinetuneError
+from finetune.core.outputs import read_jsonl
+from finetune.core.recipe import DataSpec, parse_recipe
+from finetune.stages.prepare import format_rows, length_stats, prepare, read_local, split_rows
 
 ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
 
@@ -333,9 +333,9 @@ LONG = [{"instruction": "hi", "output": "yo"}, {"instruction": "hi", "output": "
 
 @pytest.mark.parametrize("mode", ["truncate", "drop"])
 def test_rows_over_max_length_are_truncated_or_dropped_and_counted(smollm_tokenizer_dir, mode):
-    from finetune.formats import TRUNCATED
-    from finetune.models import load_tokenizer
-    from finetune.recipe import ModelSpec
+    from finetune.core.models import load_tokenizer
+    from finetune.core.recipe import ModelSpec
+    from finetune.data.formats import TRUNCATED
 
     tok = load_tokenizer(ModelSpec(id=str(smollm_tokenizer_dir)))
     s = spec("alpaca", max_length=64, on_too_long=mode)

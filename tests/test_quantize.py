@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.errors import FinetuneError
-from finetune.outputs import write_jsonl
-from finetune.recipe import QuantizeSpec
+from finetune.core.errors import FinetuneError
+from finetune.core.outputs import write_jsonl
+from finetune.core.recipe import QuantizeSpec
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
 
@@ -25,7 +25,7 @@ def prepared(tmp_path) -> Path:
 
 
 def test_quantize_writes_and_verifies_every_type(tiny_llama_256, prepared, tmp_path):
-    from finetune.quantize import quantize
+    from finetune.stages.quantize import quantize
 
     metrics = quantize("tiny", SPEC, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
@@ -45,7 +45,7 @@ def test_quantize_writes_and_verifies_every_type(tiny_llama_256, prepared, tmp_p
 
 
 def test_only_requested_types_are_kept(tiny_llama_256, prepared, tmp_path):
-    from finetune.quantize import quantize
+    from finetune.stages.quantize import quantize
 
     spec = SPEC.model_copy(update={"types": ["q8_0"]})
     quantize("tiny", spec, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
@@ -54,7 +54,7 @@ def test_only_requested_types_are_kept(tiny_llama_256, prepared, tmp_path):
 
 def _convert_then(mutate):
     """A convert_f16 that damages the file it wrote (what a broken converter would do)."""
-    from finetune import quantize as q
+    from finetune.stages import quantize as q
 
     real = q.convert_f16
 
@@ -88,7 +88,7 @@ def _wrong_eos(path: Path) -> None:
 @pytest.mark.parametrize(("mutate", "message"), [(_corrupt_weights, "differs from the merged model.*logit gap"),
                                                  (_wrong_eos, "EOS id is 7")])
 def test_a_broken_gguf_fails_the_stage(tiny_llama_256, prepared, tmp_path, monkeypatch, mutate, message):
-    from finetune import quantize as q
+    from finetune.stages import quantize as q
 
     monkeypatch.setattr(q, "convert_f16", _convert_then(mutate))
     with pytest.raises(FinetuneError, match=message) as err:
@@ -98,8 +98,8 @@ def test_a_broken_gguf_fails_the_stage(tiny_llama_256, prepared, tmp_path, monke
 
 
 def test_unknown_type_is_a_one_line_error(tmp_path):
-    from finetune.quantize import quantize_file
-    from finetune.recipe import parse_recipe
+    from finetune.core.recipe import parse_recipe
+    from finetune.stages.quantize import quantize_file
 
     with pytest.raises(FinetuneError, match="quantize.types"):
         parse_recipe({"name": "x", "model": {"id": "m"}, "data": {"local_path": "d", "format": "alpaca"},
@@ -142,13 +142,13 @@ class _HF:
 
 def _reference(hf, max_new=8):
     """What the stage keeps of the HF model before llama.cpp loads a file: greedy tokens + step logits."""
-    from finetune.quantize import greedy_hf
+    from finetune.stages.quantize import greedy_hf
 
     return [greedy_hf(hf, _Tok()("p")["input_ids"], max_new, {9})]
 
 
 def test_generation_must_stop_at_eos_where_the_hf_model_does():
-    from finetune.quantize import check_generation
+    from finetune.stages.quantize import check_generation
 
     same = [[5, 9]]  # llama.cpp's greedy tokens equal the HF model's
     assert check_generation(same, {"0": "stop"}, _reference(_HF()), _Tok(), {9}, "x.gguf", ["p"])["stopped"] == 1
@@ -157,7 +157,7 @@ def test_generation_must_stop_at_eos_where_the_hf_model_does():
 
 
 def test_a_numerical_tie_ends_the_comparison_but_a_real_gap_fails():
-    from finetune.quantize import check_generation
+    from finetune.stages.quantize import check_generation
 
     picks6 = [[6, 9]]  # llama.cpp's first token is 6 where the HF model's is 5
     counts = check_generation(picks6, {}, _reference(_HF(0.001), 4), _Tok(), {9}, "x.gguf", ["p"], 0.01)
@@ -174,8 +174,8 @@ def test_llama_cpp_runs_in_a_process_without_torch(tiny_llama_256, tmp_path, mon
 
     import torch  # noqa: F401 -- the caller holds torch, as the stage does
 
-    from finetune import gguf_process
-    from finetune.quantize import convert_f16
+    from finetune.core import gguf_process
+    from finetune.stages.quantize import convert_f16
 
     gguf_file = tmp_path / "t.gguf"
     convert_f16(tiny_llama_256, gguf_file)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
 
-from finetune import quickstart_data
-from finetune.outputs import read_jsonl
-from finetune.quickstart_data import SUFFIX, TASKS, generate, write
+from conftest import ROOT
+from finetune.core.outputs import read_jsonl
+from finetune.data import quickstart
+from finetune.data.quickstart import SUFFIX, TASKS, generate, write
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_repo_data_folder_matches_data_dvc():
 def test_write_defaults_reproduce_data_dvc(tmp_path):
     out = pinned()
     data = tmp_path / "data"
-    quickstart_data.write(data / "quickstart")
+    quickstart.write(data / "quickstart")
     files = sorted(p for p in data.rglob("*") if p.is_file())
     assert [p.relative_to(data).as_posix() for p in files] == ["quickstart/test.jsonl", "quickstart/train.jsonl"]
     assert len(files) == out["nfiles"]

@@ -6,10 +6,10 @@ import re
 
 import pytest
 import yaml
-from conftest import ROOT, recipe_dict
 
-from finetune.errors import FinetuneError
-from finetune.recipe import (
+from conftest import ROOT, recipe_dict
+from finetune.core.errors import FinetuneError
+from finetune.core.recipe import (
     DistributedSpec,
     EvalSpec,
     LoraSpec,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import recipe_dict, shared
-from finetune.recipe import Recipe
+from finetune.core.recipe import Recipe
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +22,9 @@ SHORT = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 256, "l
 
 
 def _run(recipe: Recipe, tmp_path) -> dict:
-    from finetune.merge import merge
-    from finetune.prepare import prepare
-    from finetune.train import train
+    from finetune.stages.merge import merge
+    from finetune.stages.prepare import prepare
+    from finetune.stages.train import train
 
     stats = prepare(recipe, tmp_path / "prepared", tmp_path / "prepare.json")
     metrics = train(recipe, tmp_path / "prepared", tmp_path / "adapter", tmp_path / "train.json", live_dir=None)
@@ -61,7 +61,7 @@ def test_classification_recipe_on_real_data(minilm_dir, tmp_path):
     result = _run(recipe, tmp_path)
     assert result["splits"] == {"train": 200, "eval": 0, "test": 1000}
     assert 0.0 <= result["train"]["test_accuracy"] <= 1.0
-    from finetune.quantize import quantize
+    from finetune.stages.quantize import quantize
 
     note = quantize(recipe.name, recipe.quantize, tmp_path / "merged", tmp_path / "prepared",
                     tmp_path / "models", tmp_path / "qmetrics")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import humaneval, sandbox
+from finetune import sandbox
+from finetune.benchmarks import humaneval
 from finetune.sandbox import launch, view
 from sandbox_hostile import CASES, SECRET, Target, check, programs
 
@@ -209,9 +210,9 @@ def test_weak_level_only_by_name(fresh_levels):
 
 def test_eval_stage_refuses_before_generating(fresh_levels, monkeypatch, tmp_path):
     """No sandbox: the eval stage stops at once, before loading a model or generating anything."""
-    from finetune import evaluate as stage
-    from finetune.recipe import Recipe
     from conftest import recipe_dict
+    from finetune.core.recipe import Recipe
+    from finetune.stages import eval as stage
 
     monkeypatch.setattr(sandbox, "bwrap_candidates", lambda: [])
     monkeypatch.setattr(stage, "load_tokenizer", lambda *a: pytest.fail("loaded a model without a sandbox"))

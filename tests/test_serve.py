@@ -17,8 +17,8 @@ import yaml
 
 from conftest import ROOT, recipe_dict
 from finetune.cli import main
-from finetune.distributed import free_port
-from finetune.serve import is_loopback
+from finetune.training.distributed import free_port
+from finetune.use.serve import is_loopback
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, sse-starlette, ...) is not installed")
 

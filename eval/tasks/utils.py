@@ -19,7 +19,7 @@ def process_truthfulqa_mc1(dataset):
 
 
 def normalize(text: str) -> str:
-    """Ignore surrounding whitespace and trailing full stops (as finetune.heldout.normalize)."""
+    """Ignore surrounding whitespace and trailing full stops (as finetune.stages.heldout.normalize)."""
     return " ".join(text.strip().rstrip(".").split())
 
 
@@ -42,7 +42,7 @@ def process_mbpp_fewshot(dataset):
 
 
 def mbpp_problem(doc) -> dict:
-    """An MBPP row as a finetune.humaneval problem: setup, completion, then the asserts."""
+    """An MBPP row as a finetune.benchmarks.humaneval problem: setup, completion, then the asserts."""
     asserts = "".join(f"    {line}\n" for line in doc["test_list"])
     return {
         "task_id": f"mbpp/{doc['task_id']}",
@@ -53,7 +53,7 @@ def mbpp_problem(doc) -> dict:
 
 
 def process_mbpp(doc, results):
-    from finetune.humaneval import check
+    from finetune.benchmarks.humaneval import check
 
     completion = results[0] if results else ""
     outcome = check(mbpp_problem(doc), completion)

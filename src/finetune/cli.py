@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from finetune.errors import LAUNCH_ERROR_FILE, FinetuneError, errno_of, is_out_of_memory, one_line, os_error_line
-from finetune.outputs import remove_orphans
+from finetune.core.errors import LAUNCH_ERROR_FILE, FinetuneError, errno_of, is_out_of_memory, one_line, os_error_line
+from finetune.core.outputs import remove_orphans
 
 
 def cuda_allocator_default() -> None:
@@ -33,20 +33,20 @@ cuda_allocator_default()
 
 
 def _recipe(args: argparse.Namespace):
-    from finetune.recipe import load_recipe
+    from finetune.core.recipe import load_recipe
 
     return load_recipe(args.params)
 
 
 def cmd_generate_data(args: argparse.Namespace) -> dict:
-    from finetune import quickstart_data
+    from finetune.data import quickstart
 
-    quickstart_data.write(args.out, args.n_train, args.n_test, args.seed)
+    quickstart.write(args.out, args.n_train, args.n_test, args.seed)
     return {"out": args.out, "train": args.n_train, "test": args.n_test}
 
 
 def cmd_validate(args: argparse.Namespace) -> dict:
-    from finetune.recipe import load_recipe, recipe_path
+    from finetune.core.recipe import load_recipe, recipe_path
 
     paths = [Path(p) if p.endswith(".yaml") else recipe_path(p) for p in args.recipes] or [Path(args.params)]
     return {str(p): load_recipe(p).name for p in paths}
@@ -55,8 +55,8 @@ def cmd_validate(args: argparse.Namespace) -> dict:
 def cmd_use(args: argparse.Namespace) -> dict:
     """Compose params.yaml from a recipe the way `dvc exp run -S recipe=NAME` does (Hydra): composed and
     validated first, then swapped in whole, so a refused composition leaves the old file as it was."""
-    from finetune.outputs import write_text_atomic
-    from finetune.recipe import compose_params, load_recipe
+    from finetune.core.outputs import write_text_atomic
+    from finetune.core.recipe import compose_params, load_recipe
 
     write_text_atomic(args.params, compose_params(args.recipe, args.overrides))
     return {"params": args.params, "recipe": load_recipe(args.params).name}
@@ -68,32 +68,32 @@ def cmd_clean(args: argparse.Namespace) -> dict:
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict:
-    from finetune.prepare import prepare
+    from finetune.stages.prepare import prepare
 
     return prepare(_recipe(args), args.out, args.metrics)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
-    from finetune import distributed
+    from finetune.training import distributed
 
     recipe = _recipe(args)
     if distributed.needs_launch(recipe.distributed):  # re-run this command in N processes
         distributed.launch(recipe, args.argv)
         return json.loads(Path(args.metrics).read_text(encoding="utf-8"))
-    from finetune.train import train
+    from finetune.stages.train import train
 
     return train(recipe, args.data, args.out, args.metrics, live_dir=args.live_dir or None,
                  timing_path=args.timing)
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
-    from finetune.merge import merge
+    from finetune.stages.merge import merge
 
     return merge(_recipe(args), args.adapter, args.out)
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
-    from finetune.quantize import quantize
+    from finetune.stages.quantize import quantize
 
     recipe = _recipe(args)
     return quantize(recipe.name, recipe.quantize, args.merged, args.data, args.out, args.metrics,
@@ -101,13 +101,13 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    from finetune.evaluate import evaluate
+    from finetune.stages.eval import evaluate
 
     return evaluate(_recipe(args), args.merged, args.gguf, args.data, args.metrics, args.samples)
 
 
 def cmd_report(args: argparse.Namespace) -> dict:
-    from finetune.report import report
+    from finetune.use.report import report
 
     text = report(args.out, args.png, all_experiments=not args.workspace)
     print(text)
@@ -115,14 +115,14 @@ def cmd_report(args: argparse.Namespace) -> dict:
 
 
 def cmd_heldout(args: argparse.Namespace) -> dict:
-    from finetune.heldout import heldout
+    from finetune.stages.heldout import heldout
 
     return heldout(_recipe(args), args.data, args.model, args.metrics, args.samples)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Print the table; one line per failing metric on stderr and exit 1 when any differs."""
-    from finetune.verify import verify
+    from finetune.use.verify import verify
 
     text, failures = verify(args.rev, args.tolerances)
     print(text)
@@ -132,7 +132,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _chat_options(args: argparse.Namespace):
-    from finetune.chat import Options
+    from finetune.use.chat import Options
 
     return Options(model=args.model, outputs=args.outputs, models=args.models, system=args.system,
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -140,19 +140,19 @@ def _chat_options(args: argparse.Namespace):
 
 
 def cmd_chat(args: argparse.Namespace) -> dict:
-    from finetune.chat import chat
+    from finetune.use.chat import chat
 
     return chat(_recipe(args), _chat_options(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> dict | None:
-    from finetune.chat import generate
+    from finetune.use.chat import generate
 
     return generate(_recipe(args), _chat_options(args), args.prompts, args.input, args.output, args.raw)
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
-    from finetune.serve import serve
+    from finetune.use.serve import serve
 
     return serve(_recipe(args), args.model, args.host, args.port, allow_remote=args.allow_remote,
                  outputs_dir=args.outputs, models_dir=args.models, threads=args.threads, ctx=args.ctx,
@@ -190,7 +190,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_humaneval_score(args: argparse.Namespace) -> dict:
     """Score a samples JSONL file (``{task_id, completion}`` per line) in the sandbox."""
-    from finetune import humaneval
+    from finetune.benchmarks import humaneval
 
     samples = humaneval.read_samples(args.samples)
     problems = humaneval.load_problems(args.problems)

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 from finetune.sandbox import launch as _launch
 
 STRICT = "bubblewrap"

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 
 
 def _alive(pid: int) -> bool:

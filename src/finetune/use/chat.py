@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from finetune.errors import FinetuneError, one_line
-from finetune.formats import check_messages
-from finetune.outputs import json_lines, write_jsonl
-from finetune.recipe import ModelSpec, Recipe
+from finetune.core.errors import FinetuneError, one_line
+from finetune.core.outputs import json_lines, write_jsonl
+from finetune.core.recipe import ModelSpec, Recipe
+from finetune.data.formats import check_messages
 
 Message = dict[str, str]
 
@@ -192,15 +192,15 @@ class LlamaBackend:
 def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 4096):
     """Load the backend for ``target`` (HF weights on GPU when present, else CPU)."""
     if target.kind == "gguf":
-        from finetune.gguf import open_gguf
+        from finetune.core.gguf import open_gguf
 
         return LlamaBackend(open_gguf(target.path, ctx, threads))
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.inference import dtype as _dtype
-    from finetune.models import check_adapter, load_adapter, load_model, load_tokenizer
+    from finetune.core.inference import dtype as _dtype
+    from finetune.core.models import check_adapter, load_adapter, load_model, load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)

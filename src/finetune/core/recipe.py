@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from finetune.errors import FinetuneError, one_line
+from finetune.core.errors import FinetuneError, one_line
 
 DType = Literal["float32", "float16", "bfloat16"]
 Threads = Annotated[int, Field(ge=1)] | Literal["auto"]
@@ -121,7 +121,7 @@ class TrainSpec(_Section):
         "in backward, spread evenly (None: all); the others keep them, which gives memory back for speed"
     )
     fused_lora: bool = Field(
-        True, description="Add the LoRA update inside the adapter's matmul (finetune.fused_lora); false: PEFT's forward"
+        True, description="Add the LoRA update inside the adapter's matmul (finetune.training.fused_lora); false: PEFT's forward"
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     logging_steps: int = Field(5, ge=1)

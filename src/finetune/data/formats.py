@@ -10,8 +10,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from finetune.errors import FinetuneError, one_line
-from finetune.recipe import DataSpec
+from finetune.core.errors import FinetuneError, one_line
+from finetune.core.recipe import DataSpec
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "

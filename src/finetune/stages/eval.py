@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
-from finetune import gguf_process, humaneval, inference, lmeval, sandbox
-from finetune.gguf import ggml_dequantize
-from finetune.models import load_tokenizer, resolve_source
-from finetune.outputs import atomic_dir, write_json, write_jsonl
-from finetune.provenance import provenance
-from finetune.recipe import EvalSpec, ModelSpec, Recipe
+from finetune import sandbox
+from finetune.benchmarks import humaneval, lmeval
+from finetune.core import gguf_process, inference
+from finetune.core.gguf import ggml_dequantize
+from finetune.core.models import load_tokenizer, resolve_source
+from finetune.core.outputs import atomic_dir, write_json, write_jsonl
+from finetune.core.provenance import provenance
+from finetune.core.recipe import EvalSpec, ModelSpec, Recipe
 
 progress = logging.getLogger("finetune.progress").info
 CHAT_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
@@ -57,7 +59,7 @@ def extract_completion(text: str, problem: dict, style: str) -> str:
 def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | str,
                 temperature: float = 0.0) -> list[str]:
     """Greedy (temperature 0) or sampled completions, batched with left padding (``auto``: see
-    :func:`finetune.inference.in_batches`)."""
+    :func:`finetune.core.inference.in_batches`)."""
     tokenizer.padding_side = "left"
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
 
@@ -72,7 +74,7 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
 
 def generate_gguf(path: Path, prompts: list[str], max_new_tokens: int, threads: int,
                   temperature: float = 0.0, seed: int = 0) -> tuple[list[str], str]:
-    """Completions through llama.cpp, in its own process (finetune.gguf_process): all layers on a GPU when
+    """Completions through llama.cpp, in its own process (finetune.core.gguf_process): all layers on a GPU when
     there is one, prompts decoded side by side. Returns the texts and where they ran (cuda or cpu)."""
     out = gguf_process.call("generate", {"path": str(path), "n_ctx": 2048, "prompts": prompts,
                                          "max_tokens": max_new_tokens, "temperature": temperature,

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from finetune.errors import FinetuneError, is_out_of_memory, one_line
-from finetune.outputs import MANIFEST, manifest_problem
-from finetune.recipe import ModelSpec, QuantSpec
+from finetune.core.errors import FinetuneError, is_out_of_memory, one_line
+from finetune.core.outputs import MANIFEST, manifest_problem
+from finetune.core.recipe import ModelSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 

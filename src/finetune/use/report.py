@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.outputs import write_text_atomic
-from finetune.provenance import describe
+from finetune.core.outputs import write_text_atomic
+from finetune.core.provenance import describe
 
 HIDDEN = ("provenance",)  # row keys kept out of the table's columns
 

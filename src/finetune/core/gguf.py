@@ -16,8 +16,8 @@ import functools
 import logging
 from pathlib import Path
 
-from finetune.errors import FinetuneError, one_line
-from finetune.recipe import available_cores
+from finetune.core.errors import FinetuneError, one_line
+from finetune.core.recipe import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class _TypeTraits(ctypes.Structure):
 @functools.cache
 def _ggml():
     """llama.cpp's libggml-base (CPU code, no CUDA) alone: importing llama_cpp would load its CUDA
-    backend into this process, which already holds torch (finetune.gguf_process says why not)."""
+    backend into this process, which already holds torch (finetune.core.gguf_process says why not)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llama_cpp")

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import FinetuneError
-from finetune.models import check_adapter, load_adapter, load_model, torch_dtype
-from finetune.outputs import atomic_dir, require_free
-from finetune.recipe import Recipe
+from finetune.core.errors import FinetuneError
+from finetune.core.models import check_adapter, load_adapter, load_model, torch_dtype
+from finetune.core.outputs import atomic_dir, require_free
+from finetune.core.recipe import Recipe
 
 
 def eos_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -> list[int]:

@@ -4,7 +4,7 @@ llama-cpp-python built with CUDA crashes in a process that also loaded PyTorch's
 (seen on an H200 host: a segfault at ``Llama(...)`` after ``import torch``, ``free(): invalid
 pointer`` in the other order, even with no layer offloaded; bench/README.md). The quantize and eval
 stages hold HF models in PyTorch, so every llama.cpp call goes through :func:`call`: a fresh
-``python -m finetune.gguf_process`` that imports llama.cpp and numpy, never torch, with the request
+``python -m finetune.core.gguf_process`` that imports llama.cpp and numpy, never torch, with the request
 and the answer as JSON files. The checks' logic stays with the caller; here is only what llama.cpp
 computes (same calls and threads as before, so the CPU results are unchanged).
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 
 
 def call(command: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def call(command: str, request: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ft-llama-") as tmp:
         inp, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
         inp.write_text(json.dumps(request))
-        proc = subprocess.run([sys.executable, "-m", "finetune.gguf_process", command, str(inp), str(out)],
+        proc = subprocess.run([sys.executable, "-m", "finetune.core.gguf_process", command, str(inp), str(out)],
                               env=os.environ | {"PYTHONPATH": _pythonpath()})
         answer = json.loads(out.read_text()) if out.is_file() else {}
     if "error" in answer:
@@ -41,7 +41,7 @@ def call(command: str, request: dict[str, Any]) -> dict[str, Any]:
 
 def _pythonpath() -> str:
     """The child imports this same finetune package (a source checkout's src/ before an installed one)."""
-    here = str(Path(__file__).resolve().parents[1])
+    here = str(Path(__file__).resolve().parents[2])
     return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
@@ -101,7 +101,7 @@ def perplexity(llm, sequences: list[list[int]]) -> float:
 
 def _inspect(req: dict) -> dict:
     """What the quantize checks compare: tokenization, EOS, greedy tokens, stopping, perplexity."""
-    from finetune.gguf import device_name, open_gguf
+    from finetune.core.gguf import device_name, open_gguf
 
     llm = open_gguf(req["path"], req["n_ctx"], req["threads"], logits_all=True)
     add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
@@ -123,7 +123,7 @@ def _inspect(req: dict) -> dict:
 
 
 def _generate(req: dict) -> dict:
-    from finetune.gguf import complete, device_name, open_gguf
+    from finetune.core.gguf import complete, device_name, open_gguf
 
     llm = open_gguf(req["path"], req["n_ctx"], req["threads"], seed=req["seed"])
     texts = complete(llm, req["prompts"], req["max_tokens"], temperature=req["temperature"], seed=req["seed"])
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     except FinetuneError as err:
         result = {"error": str(err)}
     if "torch" in sys.modules:  # the point of this process (module docstring); a test relies on it
-        result = {"error": f"finetune.gguf_process: torch was imported in the llama.cpp process ({command})"}
+        result = {"error": f"finetune.core.gguf_process: torch was imported in the llama.cpp process ({command})"}
     Path(out).write_text(json.dumps(result))
     return 0
 

@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 
-from finetune import inference
-from finetune.errors import FinetuneError
-from finetune.models import load_tokenizer
-from finetune.outputs import atomic_dir, read_jsonl, write_json, write_jsonl
-from finetune.recipe import EvalSpec, ModelSpec, Recipe
-
+from finetune.core import inference
+from finetune.core.errors import FinetuneError
+from finetune.core.models import load_tokenizer
+from finetune.core.outputs import atomic_dir, read_jsonl, write_json, write_jsonl
+from finetune.core.recipe import EvalSpec, ModelSpec, Recipe
 
 progress = logging.getLogger("finetune.progress").info
 

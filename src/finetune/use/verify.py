@@ -3,7 +3,7 @@
 Published = the metrics files at a git rev (default ``HEAD``: what is committed) or a DVC experiment
 name, read through DVC (``Repo.metrics.show``), so both sides are the files their ``dvc.yaml``
 declares. Every number (and boolean) is compared: exactly where both sides' ``provenance`` block
-(:mod:`finetune.provenance`) names the same hardware, Python and library versions, since a rerun there
+(:mod:`finetune.core.provenance`) names the same hardware, Python and library versions, since a rerun there
 is byte-identical; else within the tolerance ``tolerances.yaml`` declares for it (math.isclose with its
 ``rel``/``abs``), and exactly where it declares none. Wall-clock numbers and the provenance blocks
 themselves are left out by that file's ``ignore`` list.
@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TOLERANCES = ROOT / "tolerances.yaml"
 # where a metrics file has no provenance block of its own, the block of the run that wrote it
 RUN_PROVENANCE = ("metrics/timing/train.json", "eval/metrics/finetuned.json")
@@ -219,7 +219,7 @@ def table(rows: list[Row]) -> str:
 
 def summary(rev: str, workspace: dict[str, Any], published: dict[str, Any]) -> str:
     """Which provenance each side has and whether the comparison is exact."""
-    from finetune.provenance import describe
+    from finetune.core.provenance import describe
 
     ws, pub = provenance_of(workspace, RUN_PROVENANCE[0]), provenance_of(published, RUN_PROVENANCE[0])
     lines = [f"published: {rev}: {describe(pub) if pub else 'no provenance block'}",

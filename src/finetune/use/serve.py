@@ -20,10 +20,10 @@ import socket
 import sys
 from pathlib import Path
 
-from finetune.chat import Target, resolve
-from finetune.errors import FinetuneError
-from finetune.models import resolve_source
-from finetune.recipe import Recipe
+from finetune.core.errors import FinetuneError
+from finetune.core.models import resolve_source
+from finetune.core.recipe import Recipe
+from finetune.use.chat import Target, resolve
 
 
 def is_loopback(host: str) -> bool:

@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.outputs import write_jsonl
+from finetune.core.outputs import write_jsonl
 
 WORDS = (
     "apple river stone cloud tiger lemon piano rocket garden window silver orange planet "

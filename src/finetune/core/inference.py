@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from finetune.recipe import ModelSpec
+from finetune.core.recipe import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def dtype_name() -> str:
 
 def load(spec: ModelSpec):
     """The model of ``spec`` for inference: bf16 straight onto the GPU, or float32 on the CPU."""
-    from finetune.models import load_model
+    from finetune.core.models import load_model
 
     if device() == "cuda" and not spec.gguf_file:  # load shards onto the GPU, not through host RAM
         return load_model(spec, dtype(), device_map={"": 0}).eval()

@@ -7,11 +7,11 @@ Converts with llama.cpp's own ``convert_hf_to_gguf.py`` (to f16), quantizes with
 - f16: greedy generation matches the merged HF model token for token on held-out prompts;
 - every type: perplexity on held-out text next to the HF model's, and a generation stops at EOS.
 A mismatch fails the stage naming the prompt and the first differing token. llama.cpp runs in a
-process of its own (:mod:`finetune.gguf_process`: its CUDA build and torch crash in one process).
+process of its own (:mod:`finetune.core.gguf_process`: its CUDA build and torch crash in one process).
 
 The HF side runs first and is freed before llama.cpp loads a file (its greedy tokens and every
 step's logits are kept), so the two never share the GPU: at 8B the stage fits a 24 GB card. On a
-GPU both sides compute in float32: the HF model through :func:`finetune.inference.reference_model`,
+GPU both sides compute in float32: the HF model through :func:`finetune.core.inference.reference_model`,
 llama.cpp's cuBLAS products through ``GGML_CUDA_CUBLAS_COMPUTE_TYPE=f32`` (its f16 default rounds
 sums of 4096-14336 products to 11 bits, more than the checks' tolerances).
 Reads the ``quantize`` section (and ``name`` for file names).
@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from finetune import gguf_process, inference
-from finetune.errors import FinetuneError, one_line
-from finetune.outputs import atomic_dir, read_jsonl, require_free, write_json
-from finetune.recipe import QuantizeSpec
+from finetune.core import gguf_process, inference
+from finetune.core.errors import FinetuneError, one_line
+from finetune.core.outputs import atomic_dir, read_jsonl, require_free, write_json
+from finetune.core.recipe import QuantizeSpec
 
 # llama.cpp file types; f16/bf16 come straight from the converter
 FTYPES = {
@@ -245,11 +245,11 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
     """Run the stage; return the metrics written (one file per type under ``metrics_dir``).
 
     The output folder also gets an Ollama Modelfile per GGUF and a README on LM Studio's layout
-    (finetune.handoff), with ``system_prompt`` (the recipe's data.system_prompt) as SYSTEM.
+    (finetune.use.handoff), with ``system_prompt`` (the recipe's data.system_prompt) as SYSTEM.
     """
-    from finetune.handoff import write_handoff
-
     from transformers import AutoTokenizer
+
+    from finetune.use.handoff import write_handoff
 
     merged_dir = Path(merged_dir)
     if not (merged_dir / "config.json").is_file():

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from finetune import checkpoints, distributed, fused_lora
-from finetune.errors import FinetuneError, errno_of, is_out_of_memory
-from finetune.models import load_model, load_tokenizer
-from finetune.outputs import atomic_dir, read_jsonl, write_json
-from finetune.provenance import provenance
-from finetune.recipe import Recipe, TrainSpec
+from finetune.core.errors import FinetuneError, errno_of, is_out_of_memory
+from finetune.core.models import load_model, load_tokenizer
+from finetune.core.outputs import atomic_dir, read_jsonl, write_json
+from finetune.core.provenance import provenance
+from finetune.core.recipe import Recipe, TrainSpec
+from finetune.training import checkpoints, distributed, fused_lora
 
 
 def precision(spec: TrainSpec) -> str:
@@ -64,10 +64,10 @@ def attention_kwargs(spec: TrainSpec, classify: bool = False) -> dict[str, str]:
     Packed rows stay separate under every choice: sdpa and eager get a per-document mask that
     transformers builds from the restarting position ids (dense: cost grows with the square of the
     batch's tokens); flex_attention skips the blocks between documents but compiles first; varlen
-    (``finetune.varlen``) hands the document boundaries to PyTorch's variable-length flash kernel.
+    (``finetune.training.varlen``) hands the document boundaries to PyTorch's variable-length flash kernel.
     ``auto``: varlen when packing on CUDA and PyTorch has it, else the model's default (sdpa).
     """
-    from finetune import varlen
+    from finetune.training import varlen
 
     packed = packing_enabled(spec, classify)
     if spec.attention == "auto":
@@ -355,7 +355,7 @@ def train(
 
     Checkpoints go to ``checkpoint_dir`` (default: ``checkpoints/`` beside the adapter folder),
     one subfolder per params+data hash; a rerun with the same ones resumes from the newest intact
-    checkpoint (see :mod:`finetune.checkpoints`).
+    checkpoint (see :mod:`finetune.training.checkpoints`).
     """
     from transformers import set_seed
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune import sandbox
-from finetune.errors import FinetuneError
-from finetune.outputs import json_lines
+from finetune.core.errors import FinetuneError
+from finetune.core.outputs import json_lines
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_WORKERS = 2

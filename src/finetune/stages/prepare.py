@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from finetune.errors import FinetuneError
-from finetune.formats import TRUNCATED, BadRow, TooLong, fit_length, format_row
-from finetune.models import load_tokenizer
-from finetune.outputs import atomic_dir, write_json, write_jsonl
-from finetune.recipe import DataSpec, Recipe
+from finetune.core.errors import FinetuneError
+from finetune.core.models import load_tokenizer
+from finetune.core.outputs import atomic_dir, write_json, write_jsonl
+from finetune.core.recipe import DataSpec, Recipe
+from finetune.data.formats import TRUNCATED, BadRow, TooLong, fit_length, format_row
 
 SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv", ".tsv")
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from finetune.errors import LAUNCH_ERROR_FILE, FinetuneError
-from finetune.outputs import atomic_dir, write_manifest
-from finetune.recipe import DistributedSpec, Recipe
+from finetune.core.errors import LAUNCH_ERROR_FILE, FinetuneError
+from finetune.core.outputs import atomic_dir, write_manifest
+from finetune.core.recipe import DistributedSpec, Recipe
 
 CONFIG_DIR = Path("recipes/accelerate")
 
@@ -81,7 +81,7 @@ def launch_command(recipe: Recipe, argv: list[str]) -> list[str]:
     spec = recipe.distributed
     port = spec.main_process_port or free_port()
     return [
-        sys.executable, "-m", "finetune.distributed",  # accelerate launch, without its traceback on failure
+        sys.executable, "-m", "finetune.training.distributed",  # accelerate launch, without its traceback on failure
         "--config_file", str(config_file(recipe)),
         "--num_processes", str(spec.num_processes),
         "--num_machines", "1",
@@ -112,8 +112,7 @@ def launch(recipe: Recipe, argv: list[str]) -> None:
 def _accelerate_launch(argv: list[str]) -> int:
     """``accelerate launch`` itself; a failed process ends it with exit 1 instead of torch elastic's
     ChildFailedError traceback (the processes printed or left their own errors)."""
-    from accelerate.commands.launch import launch_command as accelerate_launch
-    from accelerate.commands.launch import launch_command_parser
+    from accelerate.commands.launch import launch_command as accelerate_launch, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
