@@ -73,7 +73,7 @@ def eval_files(recipe: str, shared: Path) -> list[Path]:
     tasks = list(load_recipe(recipe_path(recipe, ROOT)).eval.tasks)
     with tempfile.TemporaryDirectory() as tmp:
         tm = lmeval.task_manager(lmeval.render_tasks(shared, ROOT / "outputs" / "prepared", tmp))
-        files = {Path(p) for t in tasks for cfg in lmeval._leaf_configs(tm, t)
+        files = {Path(p) for t in tasks for cfg in lmeval.leaf_configs(tm, t)
                  for p in ((cfg.get("dataset_kwargs") or {}).get("data_files") or {}).values()}
     return sorted(f for f in files if f.is_relative_to(shared.resolve()))
 

@@ -256,13 +256,16 @@ def flops_per_token(model, lengths: list[int]) -> tuple[float, dict]:
     return 4 * frozen + 6 * lora + 3 * attn, {"n_frozen": frozen, "n_lora": lora, "mean_ctx": round(mean_ctx, 1)}
 
 
-def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float) -> dict:
+def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float, steps: int | None = None,
+             callbacks: list | None = None) -> dict:
+    """One case through the train stage; ``steps`` instead of the case's own, ``callbacks``: more Trainer callbacks."""
     import torch
 
     from finetune.core.recipe import Recipe, read_yaml
-    from finetune.stages import train as train_mod
+    from finetune.stages.train import train
 
-    shape, dataset, quant, overrides, steps = CASES[name]
+    shape, dataset, quant, overrides, case_steps = CASES[name]
+    steps = steps or case_steps
     raw = read_yaml(Path("recipes/recipe") / f"{DATASETS[dataset][0]}.yaml")
     raw["model"] = {"id": str(ckpt)}
     raw["data"] |= {"id": None, "local_path": "unused"}
@@ -271,19 +274,9 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float) 
     raw["train"] = base_train | {"max_steps": steps, "logging_steps": 1, "precision": "bf16"} | overrides
     recipe = Recipe.model_validate(raw)
     timer = step_timer()
-    holder: dict = {}
-    orig = train_mod._sft_trainer
-
-    def spy(*args, **kwargs):  # keep the trainer to read the model and losses
-        holder["trainer"] = orig(*args, **kwargs)
-        return holder["trainer"]
-
-    train_mod._sft_trainer = spy
-    try:
-        metrics = train_mod.train(recipe, data / dataset, work / "adapter", work / "metrics.json",
-                                  live_dir=None, callbacks=[timer])
-    finally:
-        train_mod._sft_trainer = orig
+    holder: dict = {}  # the trainer, to read the model and losses
+    metrics = train(recipe, data / dataset, work / "adapter", work / "metrics.json", live_dir=None,
+                    callbacks=[timer, *(callbacks or [])], trainer_hook=lambda trainer: holder.update(trainer=trainer))
     trainer = holder["trainer"]
     fpt, counts = flops_per_token(trainer.model, doc_lengths(data / dataset, trainer.processing_class))
     timed = timer.steps[WARMUP:]
@@ -424,8 +417,6 @@ def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> di
     from torch.profiler import ProfilerActivity, profile, schedule
     from transformers import TrainerCallback
 
-    from finetune.stages import train as train_mod
-
     active = 2
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                    schedule=schedule(wait=0, warmup=WARMUP, active=active, repeat=1))
@@ -440,14 +431,7 @@ def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> di
         def on_train_end(self, *a, **k):
             prof.stop()
 
-    shape, dataset, quant, overrides, _ = CASES[name]
-    CASES[name] = (shape, dataset, quant, overrides, WARMUP + active)
-    orig_train = train_mod.train
-    train_mod.train = lambda *a, callbacks=None, **k: orig_train(*a, callbacks=[*(callbacks or []), Step()], **k)
-    try:
-        row = run_case(name, data, ckpt, work, 1.0)
-    finally:
-        train_mod.train = orig_train
+    row = run_case(name, data, ckpt, work, 1.0, steps=WARMUP + active, callbacks=[Step()])
     from torch.autograd import DeviceType
 
     kinds: dict[str, float] = {}
@@ -511,13 +495,11 @@ def main() -> None:
     names.sort(key=lambda c: CASES[c][0], reverse=True)  # one checkpoint build per shape
     for name in names:
         shape = CASES[name][0]
-        if args.steps:
-            CASES[name] = (*CASES[name][:4], args.steps)
         ckpt = build_checkpoint(shape, data, Path(args.ckpt_root) / f"{shape}-{args.layers}", args.layers)
         work = Path("/tmp/bench-work") / name
         start = time.perf_counter()
         try:
-            row = run_case(name, data, ckpt, work, peak)
+            row = run_case(name, data, ckpt, work, peak, steps=args.steps or None)
         except Exception as err:  # noqa: BLE001 -- record the failure, go on with the next case
             row = {"case": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
             torch.cuda.empty_cache()

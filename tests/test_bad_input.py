@@ -469,22 +469,22 @@ def test_debug_shows_the_traceback(project):
 
 
 def test_trust_remote_code_is_off_unless_the_recipe_sets_it(caplog):
-    from finetune.core.models import _load_kwargs
+    from finetune.core.models import load_kwargs
     from finetune.core.recipe import ModelSpec
 
-    assert _load_kwargs(ModelSpec(id="./m"), "./m")["trust_remote_code"] is False
+    assert load_kwargs(ModelSpec(id="./m"), "./m")["trust_remote_code"] is False
     with caplog.at_level("WARNING"):
-        assert _load_kwargs(ModelSpec(id="./m", trust_remote_code=True), "./m")["trust_remote_code"] is True
+        assert load_kwargs(ModelSpec(id="./m", trust_remote_code=True), "./m")["trust_remote_code"] is True
     assert "model.trust_remote_code is on: code from ./m will run" in caplog.text
 
 
 def test_hub_token_comes_from_the_environment_only(monkeypatch):
-    from finetune.core.models import _load_kwargs
+    from finetune.core.models import load_kwargs
     from finetune.core.recipe import ModelSpec
 
     monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_test")
-    assert _load_kwargs(ModelSpec(id="owner/name"), "owner/name")["token"] == "hf_fake_token_for_test"
-    assert "token" not in _load_kwargs(ModelSpec(id="./m"), "./m"), "never sent along for local folders"
+    assert load_kwargs(ModelSpec(id="owner/name"), "owner/name")["token"] == "hf_fake_token_for_test"
+    assert "token" not in load_kwargs(ModelSpec(id="./m"), "./m"), "never sent along for local folders"
     assert "token" not in ModelSpec.model_fields, "no recipe key can hold a token"
 
 

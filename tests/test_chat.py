@@ -137,7 +137,8 @@ def test_chat_streams_hf_tokens_through_a_terminal(tmp_path, quickstart_params, 
 
 
 def test_gguf_backend_streams_pieces_and_stops_at_eos(smollm_gguf):
-    from finetune.use.chat import LlamaBackend, Target, load
+    from finetune.core.targets import Target
+    from finetune.use.chat import LlamaBackend, load
 
     recipe = parse_recipe(recipe_dict("quickstart"), "quickstart")
     backend = load(Target("gguf", "x", smollm_gguf), recipe, threads=1, ctx=512)
@@ -157,7 +158,8 @@ def test_adapter_is_loaded_on_the_base_and_equals_the_merged_model(tmp_path, tin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.core.outputs import write_manifest
-    from finetune.use.chat import HFBackend, load, resolve
+    from finetune.core.targets import resolve
+    from finetune.use.chat import HFBackend, load
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -188,7 +190,7 @@ def test_adapter_is_loaded_on_the_base_and_equals_the_merged_model(tmp_path, tin
 
 
 def test_resolve_names_what_is_missing(tmp_path):
-    from finetune.use.chat import resolve
+    from finetune.core.targets import resolve
 
     recipe = parse_recipe(recipe_dict("quickstart"), "quickstart")
     with pytest.raises(FinetuneError, match=r"outputs/adapter/adapter_config.json missing; run `dvc repro train`"):

@@ -55,7 +55,7 @@ def test_every_offline_task_reads_only_shipped_files(tmp_path):
     lmeval.check_data_files(tm, names)  # raises on a missing file
     table = listed()
     read = {Path(f).relative_to(DATA.resolve()).as_posix()
-            for name in names for cfg in lmeval._leaf_configs(tm, name)
+            for name in names for cfg in lmeval.leaf_configs(tm, name)
             for f in cfg["dataset_kwargs"]["data_files"].values()}
     assert read <= set(table)
     assert {"nutcracker-db/db/arc-easy/dev.json", "nutcracker-db/db/arc-easy/test.json", "gsm8k/train.jsonl",

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.benchmarks.humaneval import evaluate as score, load_problems
-from finetune.stages.eval import extract_completion, humaneval_prompt
+from finetune.benchmarks.humaneval import (
+    evaluate as score,
+    extract_completion,
+    load_problems,
+    prompt as humaneval_prompt,
+)
 from finetune.use.report import markdown, rows_from
 
 PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "entry_point": "add",
@@ -67,14 +71,16 @@ def test_report_rows_and_markdown():
 
 
 def test_humaneval_sampling_for_pass_at_k(tiny_llama):
+    from finetune.core import inference
     from finetune.core.models import load_tokenizer
     from finetune.core.recipe import EvalSpec, ModelSpec
+    from finetune.core.targets import Target
     from finetune.stages.eval import run_humaneval
 
     spec = EvalSpec(humaneval_limit=2, humaneval_samples=3, humaneval_max_new_tokens=8, batch_size=6,
                     humaneval_prompt="completion", humaneval_timeout=5)
     model = ModelSpec(id=str(tiny_llama))
-    metrics, rows = run_humaneval({"name": "base", "kind": "hf", "spec": model}, spec, load_tokenizer(model))
+    metrics, rows = run_humaneval(Target("base", "base"), spec, load_tokenizer(model), inference.load(model))
     assert metrics["samples_per_problem"] == 3 and metrics["decoding"].startswith("sampled")
     assert metrics["n_samples"] == 6 and len(rows) == 6 and metrics["pass@1"] == 0.0
     by_task = {}

@@ -132,4 +132,4 @@ def test_reinstall_after_another_patch(tiny_llama):
                                                              * self.up_proj(x)), mlp)
     mlp.forward = foreign
     assert fused_lora.install(model) == 1
-    assert mlp.forward.__func__ is fused_lora._mlp_forward and mlp._unfused_forward is foreign
+    assert fused_lora.is_fused(mlp) and mlp._unfused_forward is foreign

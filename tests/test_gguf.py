@@ -104,13 +104,13 @@ def test_task_limits_pick_the_first_documents_of_the_named_tasks(tmp_path):
     from finetune.benchmarks import lmeval
 
     tm = lmeval.task_manager(lmeval.render_tasks(tmp_path / "data", tmp_path / "prep", tmp_path / "tasks"))
-    got = lmeval._first_docs(tm, ["ft_gsm8k", "ft_mmlu_quick", "ft_arc_easy"], {"ft_gsm8k": 3, "ft_mmlu_quick": 2})
+    got = lmeval.first_docs(tm, ["ft_gsm8k", "ft_mmlu_quick", "ft_arc_easy"], {"ft_gsm8k": 3, "ft_mmlu_quick": 2})
     assert got["ft_gsm8k"] == [0, 1, 2]
     assert sorted(got) == sorted(["ft_gsm8k"] + [f"ft_mmlu_{s}" for s in lmeval.MMLU_QUICK])
     with pytest.raises(FinetuneError, match="'ft_gsm8k' is not among eval.tasks"):
-        lmeval._first_docs(tm, ["ft_arc_easy"], {"ft_gsm8k": 3})
+        lmeval.first_docs(tm, ["ft_arc_easy"], {"ft_gsm8k": 3})
     with pytest.raises(FinetuneError, match="unknown"):
-        lmeval._first_docs(tm, ["ft_arc_easy"], {"ft_gsm8": 3})
+        lmeval.first_docs(tm, ["ft_arc_easy"], {"ft_gsm8": 3})
     with pytest.raises(FinetuneError, match="limit or task_limits"):
         lmeval.run("x", ["ft_gsm8k"], limit=3, task_limits={"ft_gsm8k": 3})
 

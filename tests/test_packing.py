@@ -7,7 +7,7 @@ import torch
 
 from finetune.core.errors import FinetuneError
 from finetune.core.recipe import TrainSpec
-from finetune.stages.train import attention_kwargs, liger_enabled, packing_enabled
+from finetune.training.levers import Levers, attention, liger_enabled, packing_enabled
 
 
 def _seq_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -51,8 +51,20 @@ def test_levers_resolve_on_cpu():
             liger_enabled(TrainSpec(liger="on"))
     assert packing_enabled(TrainSpec(packing=True)) is True
     assert packing_enabled(TrainSpec(packing=True), classify=True) is False
-    assert attention_kwargs(spec) == {}
-    assert attention_kwargs(TrainSpec(attention="flex_attention")) == {"attn_implementation": "flex_attention"}
+    assert attention(spec, packing_enabled(spec)) is None
+    assert attention(TrainSpec(attention="flex_attention"), packed=False) == "flex_attention"
+
+
+def test_levers_are_resolved_once_into_the_plan():
+    from conftest import recipe_dict
+    from finetune.core.recipe import Recipe
+
+    levers = Levers.resolve(Recipe.model_validate(recipe_dict("quickstart", train={"attention": "eager"})))
+    assert levers.attention == "eager" and levers.load_kwargs == {"attn_implementation": "eager"}
+    if not torch.cuda.is_available():
+        assert (levers.precision, levers.packing, levers.liger, levers.dtype) == ("fp32", False, False, torch.float32)
+    classifier = Levers.resolve(Recipe.model_validate(recipe_dict("distilbert-imdb", train={"packing": True})))
+    assert classifier.classify and not classifier.packing and not classifier.liger
 
 
 def test_packing_with_group_by_length_is_rejected():
@@ -81,7 +93,7 @@ def test_varlen_glue_keeps_documents_apart(tiny_llama, monkeypatch):
 
     from finetune.training import varlen
 
-    monkeypatch.setattr(varlen, "_kernel", lambda: _reference_varlen)
+    monkeypatch.setattr(varlen, "kernel", lambda: _reference_varlen)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=varlen.register()).eval()
     sdpa = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
     assert model.config.num_key_value_heads < model.config.num_attention_heads
@@ -109,5 +121,5 @@ def test_varlen_needs_cuda_and_packing():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
     with pytest.raises(FinetuneError, match="train.attention: varlen needs CUDA"):
-        attention_kwargs(TrainSpec(attention="varlen", packing=True))
-    assert attention_kwargs(TrainSpec(packing=True)) == {}, "auto stays sdpa without CUDA"
+        attention(TrainSpec(attention="varlen", packing=True), packed=True)
+    assert attention(TrainSpec(packing=True), packed=True) is None, "auto stays sdpa without CUDA"

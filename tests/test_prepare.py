@@ -13,7 +13,8 @@ from conftest import recipe_dict, shared
 from finetune.core.errors import FinetuneError
 from finetune.core.outputs import read_jsonl
 from finetune.core.recipe import DataSpec, parse_recipe
-from finetune.stages.prepare import format_rows, length_stats, prepare, read_local, split_rows
+from finetune.data.sources import read_local
+from finetune.stages.prepare import format_rows, length_stats, prepare, split_rows
 
 ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
 

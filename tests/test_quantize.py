@@ -54,9 +54,9 @@ def test_only_requested_types_are_kept(tiny_llama_256, prepared, tmp_path):
 
 def _convert_then(mutate):
     """A convert_f16 that damages the file it wrote (what a broken converter would do)."""
-    from finetune.stages import quantize as q
+    from finetune.export import convert
 
-    real = q.convert_f16
+    real = convert.convert_f16
 
     def convert(merged_dir, out_file):
         seconds = real(merged_dir, out_file)
@@ -88,18 +88,19 @@ def _wrong_eos(path: Path) -> None:
 @pytest.mark.parametrize(("mutate", "message"), [(_corrupt_weights, "differs from the merged model.*logit gap"),
                                                  (_wrong_eos, "EOS id is 7")])
 def test_a_broken_gguf_fails_the_stage(tiny_llama_256, prepared, tmp_path, monkeypatch, mutate, message):
-    from finetune.stages import quantize as q
+    from finetune.export import convert
+    from finetune.stages.quantize import quantize
 
-    monkeypatch.setattr(q, "convert_f16", _convert_then(mutate))
+    monkeypatch.setattr(convert, "convert_f16", _convert_then(mutate))
     with pytest.raises(FinetuneError, match=message) as err:
-        q.quantize("tiny", SPEC, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
+        quantize("tiny", SPEC, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "models").exists(), "a failed check leaves no output behind"
 
 
 def test_unknown_type_is_a_one_line_error(tmp_path):
     from finetune.core.recipe import parse_recipe
-    from finetune.stages.quantize import quantize_file
+    from finetune.export.convert import quantize_file
 
     with pytest.raises(FinetuneError, match="quantize.types"):
         parse_recipe({"name": "x", "model": {"id": "m"}, "data": {"local_path": "d", "format": "alpaca"},
@@ -142,13 +143,13 @@ class _HF:
 
 def _reference(hf, max_new=8):
     """What the stage keeps of the HF model before llama.cpp loads a file: greedy tokens + step logits."""
-    from finetune.stages.quantize import greedy_hf
+    from finetune.export.checks import greedy_hf
 
     return [greedy_hf(hf, _Tok()("p")["input_ids"], max_new, {9})]
 
 
 def test_generation_must_stop_at_eos_where_the_hf_model_does():
-    from finetune.stages.quantize import check_generation
+    from finetune.export.checks import check_generation
 
     same = [[5, 9]]  # llama.cpp's greedy tokens equal the HF model's
     assert check_generation(same, {"0": "stop"}, _reference(_HF()), _Tok(), {9}, "x.gguf", ["p"])["stopped"] == 1
@@ -157,7 +158,7 @@ def test_generation_must_stop_at_eos_where_the_hf_model_does():
 
 
 def test_a_numerical_tie_ends_the_comparison_but_a_real_gap_fails():
-    from finetune.stages.quantize import check_generation
+    from finetune.export.checks import check_generation
 
     picks6 = [[6, 9]]  # llama.cpp's first token is 6 where the HF model's is 5
     counts = check_generation(picks6, {}, _reference(_HF(0.001), 4), _Tok(), {9}, "x.gguf", ["p"], 0.01)
@@ -175,13 +176,12 @@ def test_llama_cpp_runs_in_a_process_without_torch(tiny_llama_256, tmp_path, mon
     import torch  # noqa: F401 -- the caller holds torch, as the stage does
 
     from finetune.core import gguf_process
-    from finetune.stages.quantize import convert_f16
+    from finetune.export.convert import convert_f16
 
     gguf_file = tmp_path / "t.gguf"
     convert_f16(tiny_llama_256, gguf_file)
-    out = gguf_process.call("generate", {"path": str(gguf_file), "n_ctx": 256, "prompts": ["a", "b c"],
-                                         "max_tokens": 4, "temperature": 0.0, "seed": 0, "threads": 1})
-    assert len(out["texts"]) == 2 and out["device"] == "cpu" and "torch" in sys.modules
+    texts, device = gguf_process.generate(gguf_file, ["a", "b c"], 4, threads=1, n_ctx=256)
+    assert len(texts) == 2 and device == "cpu" and "torch" in sys.modules
     with pytest.raises(FinetuneError, match="could not quantize t.gguf to q8_0") as err:
         gguf_process.call("quantize", {"src": str(gguf_file), "dst": str(tmp_path / "no" / "x.gguf"), "qtype": "q8_0",
                                        "ftype": "LLAMA_FTYPE_MOSTLY_Q8_0", "threads": 1})

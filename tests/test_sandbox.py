@@ -105,7 +105,7 @@ def test_early_exit_and_fake_output_score_failed(completion):
 
 
 def test_the_program_sees_only_the_allowlist(tmp_path):
-    site = view._stdlib().as_posix() + "/site-packages"
+    site = view.stdlib_dir().as_posix() + "/site-packages"
     probe = f"""
 import os, sys, socket
 assert set(os.environ) == {{'PATH', 'HOME', 'TMPDIR', 'LANG'}}, os.environ
@@ -150,9 +150,9 @@ def test_unconfined_effects_are_real(tmp_path):
 
 # ---------------------------------------------------------------------------------- fail closed
 @pytest.fixture
-def fresh_levels(monkeypatch):
-    monkeypatch.setattr(sandbox, "_levels", {})
-    monkeypatch.setattr(sandbox, "_policy", sandbox.STRICT)  # restored after the test, whatever it configures
+def fresh_levels():
+    with sandbox.probed_afresh():  # restored after the test, whatever it configures
+        yield
 
 
 def fake_bwrap(tmp_path: Path, body: str) -> str:

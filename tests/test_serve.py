@@ -42,6 +42,15 @@ def test_loopback_only_unless_allowed(params, capsys):
     assert main(["--params", str(params), "serve", "--model", "adapter", "--outputs", "/nonexistent"]) == 2
 
 
+def test_the_gguf_server_runs_as_every_other_llama_cpp_call(params, capsys):
+    from finetune.core.gguf import gpu_layers
+
+    assert main(["--params", str(params), "serve", "--model", "base", "--dry-run", "--threads", "3"]) == 0
+    command = json.loads(capsys.readouterr().out)["command"]
+    settings = dict(zip(command[-6::2], command[-5::2], strict=True))
+    assert settings == {"--n_threads": "3", "--n_threads_batch": "3", "--n_gpu_layers": str(gpu_layers())}
+
+
 def _post(url: str, body: dict, timeout: float) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:

@@ -7,7 +7,7 @@ import pytest
 from finetune.core.errors import FinetuneError
 from finetune.core.models import load_tokenizer, resolve_source
 from finetune.core.recipe import DataSpec, ModelSpec
-from finetune.stages.prepare import read_hub
+from finetune.data.sources import read_hub
 
 
 def test_pypi_source_resolves_without_importing(monkeypatch):

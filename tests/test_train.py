@@ -38,14 +38,16 @@ def prepared(tmp_path) -> Path:
 
 def test_completion_only_labels_and_eos(tiny_llama, prepared, tmp_path):
     from finetune.core.models import load_model, load_tokenizer
-    from finetune.stages.train import _load_splits, _sft_trainer, training_kwargs
+    from finetune.training.levers import Levers
+    from finetune.training.trainer import build_trainer, load_splits, training_kwargs
 
     recipe = tiny_recipe(tiny_llama)
+    levers = Levers.resolve(recipe)
     tok = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, torch.float32)
-    data = _load_splits(prepared)
-    trainer = _sft_trainer(recipe, model, tok, {"train": data["train"]},
-                           training_kwargs(recipe.train, "fp32", str(tmp_path / "s")), [])
+    model = load_model(recipe.model, levers.dtype)
+    data = load_splits(prepared)
+    trainer = build_trainer(recipe, levers, model, tok, {"train": data["train"]},
+                            training_kwargs(recipe.train, levers.precision, str(tmp_path / "s")), [])
     batch = next(iter(trainer.get_train_dataloader()))
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
         real = ids[ids != -1]
@@ -124,8 +126,7 @@ def _trained(recipe, prepared, tmp_path, name) -> tuple[dict, list[bool]]:
         def on_step_begin(self, args, state, control, model=None, **kw):
             if not flags:
                 flags.extend(layer.gradient_checkpointing for layer in model.get_base_model().model.layers)
-                fused = [getattr(layer.mlp.forward, "__func__", None) is fused_lora._mlp_forward
-                         for layer in model.get_base_model().model.layers]
+                fused = [fused_lora.is_fused(layer.mlp) for layer in model.get_base_model().model.layers]
                 # in place for the steps; an MLP only where its layer keeps activations (not checkpointed)
                 assert fused == [recipe.train.fused_lora and not ckpt for ckpt in flags]
 
@@ -169,7 +170,7 @@ def test_autocast_inputs_skip_fp32_copies(tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.stages.train import _autocast_inputs
+    from finetune.training.trainer import autocast_inputs
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
@@ -182,9 +183,9 @@ def test_autocast_inputs_skip_fp32_copies(tiny_llama):
         return logits.detach(), kept
 
     want, bytes_cast = run()
-    with _autocast_inputs(model, "bf16"):
+    with autocast_inputs(model, "bf16"):
         got, bytes_plain = run()
     assert torch.equal(got, want)
     assert bytes_plain < bytes_cast
-    with _autocast_inputs(model, "fp32"):
+    with autocast_inputs(model, "fp32"):
         assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))

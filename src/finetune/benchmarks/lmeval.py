@@ -107,7 +107,7 @@ def check_task_names(tm, tasks: list[str]) -> None:
         raise FinetuneError(f"lm-eval task '{name}' is unknown ({hint})")
 
 
-def _leaf_configs(tm, name: str, seen: set[str] | None = None) -> list[dict]:
+def leaf_configs(tm, name: str, seen: set[str] | None = None) -> list[dict]:
     """The raw configs of the leaf tasks behind a task, group or tag name."""
     seen = set() if seen is None else seen
     if name in seen:
@@ -120,10 +120,10 @@ def _leaf_configs(tm, name: str, seen: set[str] | None = None) -> list[dict]:
     if "group" in cfg:
         out = []
         for child in cfg.get("task", []):
-            out += _leaf_configs(tm, child if isinstance(child, str) else child.get("task", ""), seen)
+            out += leaf_configs(tm, child if isinstance(child, str) else child.get("task", ""), seen)
         return out
     if entry.cfg is None:  # a tag
-        return [c for t in sorted(entry.tags) for c in _leaf_configs(tm, t, seen)]
+        return [c for t in sorted(entry.tags) for c in leaf_configs(tm, t, seen)]
     return [cfg]
 
 
@@ -132,7 +132,7 @@ def check_code_execution(tm, tasks: list[str], allowed: bool) -> None:
     if allowed:
         return
     for name in tasks:
-        for cfg in _leaf_configs(tm, name):
+        for cfg in leaf_configs(tm, name):
             if cfg.get("unsafe_code"):
                 raise FinetuneError(
                     f"lm-eval task '{cfg.get('task')}' runs model-written code (in finetune.benchmarks.humaneval's "
@@ -143,7 +143,7 @@ def check_code_execution(tm, tasks: list[str], allowed: bool) -> None:
 def check_data_files(tm, tasks: list[str]) -> None:
     """Raise a FinetuneError when a data file of a requested task is missing."""
     for name in tasks:
-        for cfg in _leaf_configs(tm, name):
+        for cfg in leaf_configs(tm, name):
             files = ((cfg.get("dataset_kwargs") or {}).get("data_files") or {})
             for split, path in files.items():
                 for p in path if isinstance(path, list) else [path]:
@@ -275,7 +275,7 @@ def run(
         check_task_names(tm, tasks)
         check_code_execution(tm, tasks, allow_code_execution)
         check_data_files(tm, tasks)
-        doc_ids = _first_docs(tm, tasks, task_limits) if task_limits else None
+        doc_ids = first_docs(tm, tasks, task_limits) if task_limits else None
         # a GGUF: transformers dequantizes it, through llama.cpp's code on every core (gguf.ggml_dequantize)
         fast_load = ggml_dequantize() if model_args.get("gguf_file") and model is None else contextlib.nullcontext()
         try:
@@ -345,13 +345,13 @@ def run(
     return {"results": results, "config": config, "samples": samples}
 
 
-def _first_docs(tm, tasks: list[str], task_limits: dict[str, int]) -> dict[str, list[int]]:
+def first_docs(tm, tasks: list[str], task_limits: dict[str, int]) -> dict[str, list[int]]:
     """lm-eval's ``samples`` argument: the first N document indices of each limited leaf task."""
-    wanted = {c["task"] for t in tasks for c in _leaf_configs(tm, t)}
+    wanted = {c["task"] for t in tasks for c in leaf_configs(tm, t)}
     out: dict[str, list[int]] = {}
     for name, n in task_limits.items():
         check_task_names(tm, [name])
-        leaves = {c["task"] for c in _leaf_configs(tm, name)} & wanted
+        leaves = {c["task"] for c in leaf_configs(tm, name)} & wanted
         if not leaves:
             raise FinetuneError(f"eval.task_limits: '{name}' is not among eval.tasks ({', '.join(tasks)})")
         out |= {leaf: list(range(n)) for leaf in sorted(leaves)}

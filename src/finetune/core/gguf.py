@@ -1,5 +1,7 @@
-"""Open and run GGUF files with llama.cpp the same way everywhere (quantize checks, eval, chat).
+"""Open and run GGUF files with llama.cpp the same way everywhere (quantize checks, eval, chat, serve).
 
+- names: quantize writes ``<recipe name>-<type>.gguf`` (:func:`gguf_name`); eval, chat and serve read the
+  type back with :func:`gguf_type`;
 - threads: the cores this process may run on (``os.sched_getaffinity``), unless a number is given;
 - GPU: every layer is offloaded (``n_gpu_layers=-1``) when llama.cpp was built with a GPU backend
   (``GGML_CUDA=on``) and sees a device; the CPU build, or a machine without a GPU, keeps them on the CPU;
@@ -26,6 +28,16 @@ log = logging.getLogger(__name__)
 GPU_PARALLEL = 16
 
 
+def gguf_name(name: str, qtype: str) -> str:
+    """The file the quantize stage writes for recipe ``name`` and llama.cpp type ``qtype``."""
+    return f"{name}-{qtype}.gguf"
+
+
+def gguf_type(path: str | Path) -> str:
+    """The llama.cpp type of a file named by :func:`gguf_name` (a type has no ``-``: ``q4_k_m``)."""
+    return Path(path).stem.rsplit("-", 1)[-1]
+
+
 @functools.cache
 def gpu_layers() -> int:
     """``-1`` (all layers on the GPU) where llama.cpp can offload to a device here, else ``0``."""
@@ -44,14 +56,20 @@ def device_name() -> str:
     return "cuda" if gpu_layers() else "cpu"
 
 
+def llama_settings(threads: int | None = None) -> dict[str, int]:
+    """How llama.cpp runs a GGUF here, in-process (:func:`open_gguf`) or as ``finetune serve``'s server:
+    ``threads`` (None: every available core) for generation and prompts, all layers on a GPU if any."""
+    threads = threads or available_cores()
+    return {"n_threads": threads, "n_threads_batch": threads, "n_gpu_layers": gpu_layers()}
+
+
 def open_gguf(path: str | Path, n_ctx: int, threads: int | None = None, *, logits_all: bool = False, seed: int = 0):
-    """A ``llama_cpp.Llama`` for ``path``: ``threads`` (None: every available core), all layers on a GPU if any."""
+    """A ``llama_cpp.Llama`` for ``path`` with :func:`llama_settings`; a file llama.cpp cannot load is one line."""
     from llama_cpp import Llama
 
-    threads = threads or available_cores()
     try:
-        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                     n_gpu_layers=gpu_layers(), logits_all=logits_all, verbose=False, seed=seed)
+        return Llama(model_path=str(path), n_ctx=n_ctx, **llama_settings(threads), logits_all=logits_all,
+                     verbose=False, seed=seed)
     except ValueError as err:  # llama-cpp-python: "Failed to load model from file: ..."
         raise FinetuneError(f"{path}: llama.cpp cannot load it ({one_line(str(err), 120)}); the file may be "
                             "truncated or not a GGUF: rerun `dvc repro quantize` or fetch it again") from None

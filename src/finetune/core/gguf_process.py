@@ -39,6 +39,15 @@ def call(command: str, request: dict[str, Any]) -> dict[str, Any]:
     return answer["result"]
 
 
+def generate(path: str | Path, prompts: list[str], max_tokens: int, threads: int, temperature: float = 0.0,
+             seed: int = 0, n_ctx: int = 2048) -> tuple[list[str], str]:
+    """Completions of ``prompts`` by the GGUF at ``path`` (:func:`finetune.core.gguf.complete`: side by side
+    on a GPU); returns the texts and where they ran (cuda or cpu)."""
+    out = call("generate", {"path": str(path), "n_ctx": n_ctx, "prompts": prompts, "max_tokens": max_tokens,
+                            "temperature": temperature, "seed": seed, "threads": threads})
+    return out["texts"], out["device"]
+
+
 def _pythonpath() -> str:
     """The child imports this same finetune package (a source checkout's src/ before an installed one)."""
     here = str(Path(__file__).resolve().parents[2])

@@ -1,4 +1,5 @@
-"""HF models for inference (eval, heldout, the quantize check): where they run, in which dtype, in what batches.
+"""HF models for inference (eval, heldout, the quantize check): where they run, in which dtype, in what
+batches, which ids end a generation, and the batched generation every stage uses.
 
 On a CUDA GPU: bf16 weights on the GPU (an 8B model takes 16 GB, which fits a 24 GB card), batches
 sized to the free memory. On the CPU: float32, the reference the quickstart's numbers come from.
@@ -75,6 +76,45 @@ def in_batches(items: Sequence[T], size: int | str, run: Callable[[Sequence[T]],
             continue
         start += size
     return out
+
+
+def eos_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -> list[int]:
+    """Every id that ends a generation: the tokenizer's EOS first, then the generation config's others."""
+    if generation_eos is None:
+        existing = []
+    else:
+        existing = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos)
+    first = [tokenizer_eos] if tokenizer_eos is not None else []
+    return first + [i for i in existing if i not in first]
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | str,
+             temperature: float = 0.0) -> list[str]:
+    """Completions of ``prompts``: greedy (temperature 0) or sampled (top-p 0.95), batched with left padding
+    (``auto``: :func:`in_batches`), each ending at an EOS of the model's generation config."""
+    tokenizer.padding_side = "left"
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95}
+
+    def run(chunk: list[str]) -> list[str]:
+        batch = tokenizer(list(chunk), return_tensors="pt", padding=True).to(model.device)
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             **sampling)
+        return tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return in_batches(prompts, batch_size, run)
+
+
+@torch.inference_mode()
+def classify(model, tokenizer, texts: list[str], batch_size: int | str, max_length: int = 512) -> list[int]:
+    """A sequence classifier's label for each of ``texts`` (truncated to ``max_length`` tokens), batched."""
+    def run(chunk: list[str]) -> list[int]:
+        batch = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        return model(**batch.to(model.device)).logits.argmax(-1).tolist()
+
+    return in_batches(texts, batch_size, run)
 
 
 def _fp32_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,9 @@ def _is_local(source: str) -> bool:
     return source.startswith((".", "/")) or Path(source).exists()
 
 
-def _load_kwargs(spec: ModelSpec, source: str) -> dict[str, Any]:
+def load_kwargs(spec: ModelSpec, source: str) -> dict[str, Any]:
+    """What ``from_pretrained`` gets for ``spec`` besides the source: remote code only if the recipe allows it,
+    the GGUF file, the hub revision, and the hub token from HF_TOKEN (never from a recipe; not for a local folder)."""
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", source)
@@ -119,7 +121,7 @@ def load_tokenizer(spec: ModelSpec):
     source = resolve_source(spec.id)
     _check_local(spec, source)
     try:
-        tok = AutoTokenizer.from_pretrained(source, **_load_kwargs(spec, source))
+        tok = AutoTokenizer.from_pretrained(source, **load_kwargs(spec, source))
     except Exception as err:  # noqa: BLE001 -- a broken source in any of the ways transformers reports it
         if (mapped := _load_error(spec, source, err, "tokenizer")) is None:
             raise
@@ -169,7 +171,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = No
 
     source = resolve_source(spec.id)
     _check_local(spec, source, weights=True)
-    kwargs = _load_kwargs(spec, source) | {"dtype": dtype} | extra
+    kwargs = load_kwargs(spec, source) | {"dtype": dtype} | extra
     qconf = quantization_config(quant) if quant else None
     if qconf is not None:
         if not bnb_4bit_available():

@@ -44,7 +44,8 @@ import shutil
 import sys
 import sysconfig
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,22 @@ def configure(policy: str) -> None:
     if policy not in POLICIES:
         raise FinetuneError(f"sandbox policy {policy!r}: use {STRICT!r} (default) or {WEAK!r}")
     _policy = policy
+
+
+@contextmanager
+def probed_afresh() -> Iterator[None]:
+    """Within: the default policy and no level probed yet (what a test of the probing needs); afterwards this
+    process's policy and probed levels as they were."""
+    global _policy
+    saved_policy, saved_levels = _policy, dict(_levels)
+    _policy = STRICT
+    _levels.clear()
+    try:
+        yield
+    finally:
+        _policy = saved_policy
+        _levels.clear()
+        _levels.update(saved_levels)
 
 
 def level(policy: str | None = None) -> Level:

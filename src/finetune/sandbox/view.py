@@ -42,7 +42,8 @@ def interpreter() -> str:
     return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
-def _stdlib() -> Path:
+def stdlib_dir() -> Path:
+    """The interpreter's standard library folder (mounted read-only in the sandbox)."""
     return Path(sysconfig.get_path("stdlib")).resolve()
 
 
@@ -73,7 +74,7 @@ def _linked_libraries(files: list[str]) -> set[str]:
 @functools.lru_cache(maxsize=1)
 def mounts() -> tuple[str, ...]:
     """bubblewrap's mount options for the allowlist view (computed once per process)."""
-    exe, stdlib = interpreter(), _stdlib()
+    exe, stdlib = interpreter(), stdlib_dir()
     dynload = _lib_dynload(stdlib)
     modules = sorted(str(p) for p in dynload.glob("*.so")) if dynload else []
     masked = [m for m in modules if os.path.basename(m).startswith(MASKED_MODULE_PREFIXES)]

@@ -3,16 +3,17 @@
 Benchmarks: lm-eval tasks (``eval.tasks``, offline YAMLs in ``eval/tasks/``) and HumanEval
 (``eval.humaneval_limit`` problems; generated code runs in :mod:`finetune.sandbox` at ``eval.sandbox``'s level).
 Backends: HF weights through transformers; a GGUF through llama.cpp for HumanEval and through
-transformers' GGUF dequantization for lm-eval (token log-probs are needed there). Each score is
-written with the settings that produced it (batch size, dtype, few-shot, chat template, seeds).
+transformers' GGUF dequantization for lm-eval (token log-probs are needed there). Each model is loaded
+once for both. Each score is written with the settings that produced it (batch size, dtype, few-shot,
+chat template, seeds).
 Reads the ``model`` and ``eval`` sections.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,85 +26,131 @@ from finetune.core.gguf import ggml_dequantize
 from finetune.core.models import load_tokenizer, resolve_source
 from finetune.core.outputs import atomic_dir, write_json, write_jsonl
 from finetune.core.provenance import provenance
-from finetune.core.recipe import EvalSpec, ModelSpec, Recipe
+from finetune.core.recipe import EvalSpec, Recipe
+from finetune.core.targets import Target, stage_targets
 
 progress = logging.getLogger("finetune.progress").info
-CHAT_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
-STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 
 
-def humaneval_prompt(problem: dict, tokenizer: Any, style: str) -> str:
-    """Base models continue the code; chat models get the function inside their chat template."""
-    if style == "completion":
-        return problem["prompt"]
-    messages = [{"role": "user", "content": CHAT_INSTRUCTION + "```python\n" + problem["prompt"] + "```"}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+@dataclass(frozen=True)
+class EvalPlan:
+    """The models to score and the settings every score is run with, decided once."""
+
+    targets: tuple[Target, ...]  # base, finetuned, one per GGUF file (eval.gguf_types of them)
+    prepared_dir: Path  # the held-out split lm-eval's ft_quickstart_heldout reads
+    runs_code: bool  # HumanEval or MBPP: model-written code runs, in the sandbox
+    batch_size: int | str  # lm-eval's: a number, or "auto" (its own search, on a GPU)
+    device: str
+    dtype: str
+    hub_tasks: bool  # a task outside eval/tasks: lm-eval's own (online runs only)
+
+    @classmethod
+    def resolve(cls, recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path,
+                prepared_dir: str | Path) -> EvalPlan:
+        spec = recipe.eval
+        return cls(targets=tuple(stage_targets(recipe, merged_dir, gguf_dir)), prepared_dir=Path(prepared_dir),
+                   runs_code=spec.humaneval_limit != 0 or "ft_mbpp" in spec.tasks,
+                   batch_size=inference.batch_size(spec.batch_size), device=inference.device(),
+                   dtype=inference.dtype_name(), hub_tasks=any(not t.startswith("ft_") for t in spec.tasks))
 
 
-def extract_completion(text: str, problem: dict, style: str) -> str:
-    """The code to append to the problem's prompt.
+def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepared_dir: str | Path,
+             metrics_dir: str | Path, samples_dir: str | Path) -> dict[str, Any]:
+    """Run the stage; return {variant: metrics}."""
+    if recipe.model.task != "causal_lm":
+        note = {"skipped": "lm-eval and HumanEval score causal LMs; this classifier's accuracy is in "
+                           "metrics/train.json"}
+        with atomic_dir(samples_dir), atomic_dir(metrics_dir) as tmp:
+            write_json(tmp / "skipped.json", note)
+        return note
+    plan = EvalPlan.resolve(recipe, merged_dir, gguf_dir, prepared_dir)
+    if plan.runs_code:  # fail closed now, not after an hour of generation
+        sandbox.configure(recipe.eval.sandbox)
+        sandbox.level()
+    torch.manual_seed(recipe.eval.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    results: dict[str, Any] = {}
+    with atomic_dir(samples_dir) as samples_tmp:
+        for target in plan.targets:
+            results[target.name] = score(recipe, plan, target, tokenizer, samples_tmp)
+    with atomic_dir(metrics_dir) as tmp:
+        for name, entry in results.items():
+            write_json(tmp / f"{name}.json", entry)
+    return results
 
-    Completion style: cut at the first top-level statement after the body (HumanEval's stop
-    sequences). Chat style: the first fenced code block (or the raw reply), appended as a whole;
-    a full ``def`` redefines the prompt's docstring-only function, which is valid Python.
+
+def score(recipe: Recipe, plan: EvalPlan, target: Target, tokenizer: Any, samples_dir: Path) -> dict[str, Any]:
+    """One model's entry: lm-eval and HumanEval on one load of it; their samples go to ``samples_dir``."""
+    spec = recipe.eval
+    entry: dict[str, Any] = {"recipe": recipe.name, "variant": target.name, "provenance": provenance()}
+    if plan.runs_code:
+        entry["sandbox"] = sandbox.isolation()
+    model = load_hf(recipe, target)
+    if spec.tasks:
+        progress("eval: %s: lm-eval %s", target.name, ", ".join(spec.tasks))
+        scored = run_lmeval(recipe, plan, target, model)
+        write_jsonl(samples_dir / f"{target.name}-lm_eval.jsonl", scored.pop("samples"))
+        entry["lm_eval"] = scored
+    if target.backend == "gguf":  # llama.cpp takes the memory next
+        model = None
+        inference.release()
+    if spec.humaneval_limit != 0:
+        entry["humaneval"], rows = run_humaneval(target, spec, tokenizer, model)
+        write_jsonl(samples_dir / f"{target.name}-humaneval.jsonl", rows)
+    model = None
+    inference.release()
+    return entry
+
+
+def load_hf(recipe: Recipe, target: Target) -> Any:
+    """The target as an HF model, loaded once for lm-eval and (HF targets) HumanEval; None if neither needs it.
+
+    A GGUF is dequantized by transformers (through llama.cpp's code on every core); its HumanEval runs
+    in llama.cpp, so it is needed for lm-eval only.
     """
-    if style == "completion":
-        cut = min((i for i in (text.find(s) for s in STOP) if i >= 0), default=len(text))
-        return text[:cut]
-    block = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
-    code = block.group(1) if block else text
-    return "\n" + code
+    spec = recipe.eval
+    if not spec.tasks and (target.backend == "gguf" or spec.humaneval_limit == 0):
+        return None
+    if target.backend == "hf":
+        return inference.load(target.spec(recipe.model))
+    with ggml_dequantize():
+        return inference.load(target.spec(recipe.model))
 
 
-@torch.inference_mode()
-def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | str,
-                temperature: float = 0.0) -> list[str]:
-    """Greedy (temperature 0) or sampled completions, batched with left padding (``auto``: see
-    :func:`finetune.core.inference.in_batches`)."""
-    tokenizer.padding_side = "left"
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
-
-    def run(chunk: list[str]) -> list[str]:
-        batch = tokenizer(list(chunk), return_tensors="pt", padding=True).to(model.device)
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             **sampling)
-        return tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    return inference.in_batches(prompts, batch_size, run)
+def run_lmeval(recipe: Recipe, plan: EvalPlan, target: Target, model: Any) -> dict[str, Any]:
+    """lm-eval's scores of the loaded ``model``; its tokenizer comes from where the target's weights are."""
+    spec, source = recipe.eval, target.spec(recipe.model)
+    return lmeval.run(
+        resolve_source(source.id), list(spec.tasks), gguf_file=source.gguf_file, data_dir=spec.data_dir,
+        prepared_dir=str(plan.prepared_dir), num_fewshot=spec.num_fewshot, batch_size=plan.batch_size,
+        limit=spec.task_limit, task_limits=dict(spec.task_limits), seed=spec.seed, device=plan.device,
+        dtype=plan.dtype, allow_code_execution="ft_mbpp" in spec.tasks, include_defaults=plan.hub_tasks,
+        model=model,
+    )
 
 
-def generate_gguf(path: Path, prompts: list[str], max_new_tokens: int, threads: int,
-                  temperature: float = 0.0, seed: int = 0) -> tuple[list[str], str]:
-    """Completions through llama.cpp, in its own process (finetune.core.gguf_process): all layers on a GPU when
-    there is one, prompts decoded side by side. Returns the texts and where they ran (cuda or cpu)."""
-    out = gguf_process.call("generate", {"path": str(path), "n_ctx": 2048, "prompts": prompts,
-                                         "max_tokens": max_new_tokens, "temperature": temperature,
-                                         "seed": seed, "threads": threads})
-    return out["texts"], out["device"]
-
-
-def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any, model: Any = None) -> tuple[dict, list[dict]]:
-    """pass@k on the first ``humaneval_limit`` problems for one model variant: greedy with one
-    sample per problem (pass@1), sampled at ``humaneval_temperature`` with more. An HF variant's
-    ``model`` is loaded here unless given (loaded once for lm-eval and HumanEval)."""
+def run_humaneval(target: Target, spec: EvalSpec, tokenizer: Any, model: Any = None) -> tuple[dict, list[dict]]:
+    """pass@k on the first ``humaneval_limit`` problems for one model: greedy with one sample per problem
+    (pass@1), sampled at ``humaneval_temperature`` with more. ``model``: the loaded HF model (a GGUF
+    target generates through llama.cpp instead)."""
     problems = humaneval.load_problems(limit=spec.humaneval_limit)
     n = spec.humaneval_samples
     temperature = spec.humaneval_temperature if n > 1 else 0.0
     task_ids = [tid for tid in problems for _ in range(n)]
-    prompts = [humaneval_prompt(problems[tid], tokenizer, spec.humaneval_prompt) for tid in task_ids]
+    prompts = [humaneval.prompt(problems[tid], tokenizer, spec.humaneval_prompt) for tid in task_ids]
     start = time.perf_counter()
-    progress("eval: %s: HumanEval, %d completions of up to %d tokens", variant["name"], len(prompts),
+    progress("eval: %s: HumanEval, %d completions of up to %d tokens", target.name, len(prompts),
              spec.humaneval_max_new_tokens)
-    if variant["kind"] == "gguf":
-        texts, device = generate_gguf(variant["path"], prompts, spec.humaneval_max_new_tokens, spec.cpu_threads,
-                                      temperature, spec.seed)
+    if target.backend == "gguf":
+        texts, device = gguf_process.generate(target.path, prompts, spec.humaneval_max_new_tokens, spec.cpu_threads,
+                                              temperature, spec.seed)
     else:
-        model = inference.load(variant["spec"]) if model is None else model
-        texts = generate_hf(model, tokenizer, prompts, spec.humaneval_max_new_tokens, spec.batch_size, temperature)
+        texts = inference.generate(model, tokenizer, prompts, spec.humaneval_max_new_tokens, spec.batch_size,
+                                   temperature)
         device = str(model.device.type)
     generation_seconds = time.perf_counter() - start
-    samples = [{"task_id": tid, "completion": extract_completion(t, problems[tid], spec.humaneval_prompt)}
-               for tid, t in zip(task_ids, texts)]
+    samples = [{"task_id": tid, "completion": humaneval.extract_completion(t, problems[tid], spec.humaneval_prompt)}
+               for tid, t in zip(task_ids, texts, strict=True)]
     ks = tuple(k for k in (1, 10, 100) if k <= n)
     metrics, results = humaneval.evaluate(problems, samples, k=ks, timeout=spec.humaneval_timeout,
                                           workers=spec.cpu_threads)
@@ -111,94 +158,7 @@ def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any, model: Any = No
                 "samples_per_problem": n,
                 "prompt_style": spec.humaneval_prompt, "max_new_tokens": spec.humaneval_max_new_tokens,
                 "decoding": "greedy" if temperature == 0 else f"sampled (temperature {temperature}, top_p 0.95)",
-                "seed": spec.seed, "backend": "llama.cpp" if variant["kind"] == "gguf" else "transformers"}
-    rows = [s | {"raw": t} | {k: r[k] for k in ("passed", "result")} for s, t, r in zip(samples, texts, results)]
+                "seed": spec.seed, "backend": "llama.cpp" if target.backend == "gguf" else "transformers"}
+    rows = [s | {"raw": t} | {k: r[k] for k in ("passed", "result")}
+            for s, t, r in zip(samples, texts, results, strict=True)]
     return metrics, rows
-
-
-def variants(recipe: Recipe, merged_dir: Path, gguf_dir: Path) -> list[dict]:
-    """base, finetuned, and one entry per GGUF file the quantize stage wrote."""
-    merged = ModelSpec(id=str(merged_dir), task=recipe.model.task, num_labels=recipe.model.num_labels)
-    out = [{"name": "base", "kind": "hf", "spec": recipe.model},
-           {"name": "finetuned", "kind": "hf", "spec": merged}]
-    for path in sorted(gguf_dir.glob("*.gguf")):
-        qtype = path.stem.rsplit("-", 1)[-1]
-        if recipe.eval.gguf_types is None or qtype in recipe.eval.gguf_types:
-            out.append({"name": f"gguf-{qtype}", "kind": "gguf", "path": path})
-    return out
-
-
-def _lmeval_target(variant: dict) -> tuple[str, str | None]:
-    if variant["kind"] == "gguf":
-        return str(variant["path"].parent), variant["path"].name
-    spec: ModelSpec = variant["spec"]
-    return resolve_source(spec.id), spec.gguf_file
-
-
-def load_hf(variant: dict, spec: EvalSpec) -> Any:
-    """The variant as an HF model, loaded once for lm-eval and (HF variants) HumanEval; None if neither needs it.
-
-    A GGUF is dequantized by transformers (through llama.cpp's code on every core); its HumanEval runs
-    in llama.cpp, so it is needed for lm-eval only.
-    """
-    if not spec.tasks and (variant["kind"] == "gguf" or spec.humaneval_limit == 0):
-        return None
-    if variant["kind"] == "hf":
-        return inference.load(variant["spec"])
-    path = variant["path"]
-    with ggml_dequantize():
-        return inference.load(ModelSpec(id=str(path.parent), gguf_file=path.name))
-
-
-def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepared_dir: str | Path,
-             metrics_dir: str | Path, samples_dir: str | Path) -> dict[str, Any]:
-    """Run the stage; return {variant: metrics}."""
-    if recipe.model.task != "causal_lm":
-        note = {"skipped": "lm-eval and HumanEval score causal LMs; this classifier's accuracy is in metrics/train.json"}
-        with atomic_dir(samples_dir), atomic_dir(metrics_dir) as tmp:
-            write_json(tmp / "skipped.json", note)
-        return note
-    spec = recipe.eval
-    runs_code = spec.humaneval_limit != 0 or "ft_mbpp" in spec.tasks
-    if runs_code:  # fail closed now, not after an hour of generation
-        sandbox.configure(spec.sandbox)
-        sandbox.level()
-    torch.manual_seed(spec.seed)
-    tokenizer = load_tokenizer(recipe.model)
-    results: dict[str, Any] = {}
-    with atomic_dir(samples_dir) as samples_tmp:
-        for variant in variants(recipe, Path(merged_dir), Path(gguf_dir)):
-            name = variant["name"]
-            entry: dict[str, Any] = {"recipe": recipe.name, "variant": name, "provenance": provenance()}
-            if runs_code:
-                entry["sandbox"] = sandbox.isolation()
-            model = load_hf(variant, spec)
-            if spec.tasks:
-                progress("eval: %s: lm-eval %s", name, ", ".join(spec.tasks))
-                path, gguf_file = _lmeval_target(variant)
-                scored = lmeval.run(
-                    path, list(spec.tasks), gguf_file=gguf_file, data_dir=spec.data_dir,
-                    prepared_dir=str(prepared_dir), num_fewshot=spec.num_fewshot,
-                    batch_size=inference.batch_size(spec.batch_size), limit=spec.task_limit,
-                    task_limits=dict(spec.task_limits), seed=spec.seed,
-                    device=inference.device(), dtype=inference.dtype_name(),
-                    allow_code_execution="ft_mbpp" in spec.tasks,
-                    # names outside eval/tasks are lm-eval's own (hub) tasks: online runs only
-                    include_defaults=any(not t.startswith("ft_") for t in spec.tasks),
-                    model=model,
-                )
-                write_jsonl(samples_tmp / f"{name}-lm_eval.jsonl", scored.pop("samples"))
-                entry["lm_eval"] = scored
-            if variant["kind"] == "gguf":  # llama.cpp takes the memory next
-                model = None
-                inference.release()
-            if spec.humaneval_limit != 0:
-                entry["humaneval"], rows = run_humaneval(variant, spec, tokenizer, model)
-                write_jsonl(samples_tmp / f"{name}-humaneval.jsonl", rows)
-            model = None
-            inference.release()
-            results[name] = entry
-    with atomic_dir(metrics_dir) as tmp:
-        for name, entry in results.items():
-            write_json(tmp / f"{name}.json", entry)
-    return results

@@ -8,36 +8,46 @@ Reads the ``model`` and ``merge`` sections.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from finetune.core.errors import FinetuneError
+from finetune.core.inference import eos_ids
 from finetune.core.models import check_adapter, load_adapter, load_model, torch_dtype
 from finetune.core.outputs import atomic_dir, require_free
 from finetune.core.recipe import Recipe
 
 
-def eos_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -> list[int]:
-    """The tokenizer's EOS first, then any the base's generation config already had."""
-    existing = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) else list(generation_eos)
-    first = [tokenizer_eos] if tokenizer_eos is not None else []
-    return first + [i for i in existing if i not in first]
+@dataclass(frozen=True)
+class MergePlan:
+    """The adapter to fold (checked against its manifest) and how the merged model is saved."""
+
+    adapter_dir: Path
+    dtype: torch.dtype  # merge.dtype: the base is reloaded in it, the merged model saved in it
+    causal: bool  # a causal LM: its generation config stops at the tokenizer's EOS
+
+    @classmethod
+    def resolve(cls, recipe: Recipe, adapter_dir: str | Path) -> MergePlan:
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise FinetuneError(f"{adapter_dir}/adapter_config.json: missing; run the train stage first")
+        check_adapter(adapter_dir)
+        return cls(adapter_dir, torch_dtype(recipe.merge.dtype), recipe.model.task == "causal_lm")
 
 
 def merge(recipe: Recipe, adapter_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run the stage; return a short summary."""
     from transformers import AutoTokenizer
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FinetuneError(f"{adapter_dir}/adapter_config.json: missing; run the train stage first")
-    check_adapter(adapter_dir)
-    dtype = torch_dtype(recipe.merge.dtype)
-    base = load_model(recipe.model, dtype)
-    model = load_adapter(base, adapter_dir).merge_and_unload()
-    model = model.to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    if recipe.model.task == "causal_lm":
+    plan = MergePlan.resolve(recipe, adapter_dir)
+    base = load_model(recipe.model, plan.dtype)
+    model = load_adapter(base, plan.adapter_dir).merge_and_unload()
+    model = model.to(plan.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(plan.adapter_dir)
+    if plan.causal:
         gen = model.generation_config
         eos = eos_ids(gen.eos_token_id, tokenizer.eos_token_id)
         gen.eos_token_id = eos[0] if len(eos) == 1 else eos

@@ -7,10 +7,9 @@ length percentiles.
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,77 +20,7 @@ from finetune.core.models import load_tokenizer
 from finetune.core.outputs import atomic_dir, write_json, write_jsonl
 from finetune.core.recipe import DataSpec, Recipe
 from finetune.data.formats import TRUNCATED, BadRow, TooLong, fit_length, format_row
-
-SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv", ".tsv")
-
-
-def _read_json_file(path: Path) -> list[Any]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-        text = fh.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise FinetuneError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    rows = []
-    # split on "\n" only: str.splitlines() also breaks at U+2028 inside JSON strings
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise FinetuneError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
-    return rows
-
-
-def read_local(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local file, or of every data file in a folder (sorted by name)."""
-    path = Path(path)
-    if not path.exists():
-        raise FinetuneError(f"data.local_path: {path} does not exist; check the path or unset it to use data.id")
-    files = sorted(p for p in path.rglob("*") if p.name.endswith(SUFFIXES)) if path.is_dir() else [path]
-    if not files:
-        raise FinetuneError(f"data.local_path: no data files ({', '.join(SUFFIXES)}) in {path}")
-    rows: list[dict[str, Any]] = []
-    for file in files:
-        try:
-            if file.name.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                rows.extend(pq.read_table(file).to_pylist())
-            elif file.name.endswith((".csv", ".tsv")):
-                import csv
-
-                with open(file, encoding="utf-8", newline="") as fh:
-                    rows.extend(csv.DictReader(fh, delimiter="\t" if file.suffix == ".tsv" else ","))
-            elif file.name.endswith(SUFFIXES):
-                rows.extend(_read_json_file(file))
-            else:
-                raise FinetuneError(f"data.local_path: {file} is not one of {', '.join(SUFFIXES)}")
-        except UnicodeDecodeError as err:
-            raise FinetuneError(f"{file}: not UTF-8 text (byte {err.start}); re-encode it as UTF-8") from None
-    return rows
-
-
-def read_hub(spec: DataSpec) -> list[dict[str, Any]]:
-    """Rows of a hub dataset at a pinned revision."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(spec.id, revision=spec.revision, split=spec.split)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types for "not reachable"
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise FinetuneError(
-            f"data.id '{spec.id}': could not load from the hub ({first}); offline, set data.local_path "
-            "to a local copy"
-        ) from None
-    return ds.to_list()
-
-
-def load_raw(spec: DataSpec) -> list[dict[str, Any]]:
-    return read_local(spec.local_path) if spec.local_path else read_hub(spec)
+from finetune.data.sources import load_raw, read_local
 
 
 def _count(size: float, n: int) -> int:
@@ -170,44 +99,69 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     return stats | {"mean": round(float(arr.mean()), 2), "max": int(arr.max()), "total": int(arr.sum())}
 
 
+@dataclass(frozen=True)
+class PreparePlan:
+    """Where the rows come from and how the held-out split is made."""
+
+    source: str  # what error lines call the data: data.local_path, or <data.id>@<revision>
+    test_file: str | None  # data.test_path: the held-out rows come from it, not from a cut of the data
+
+    @classmethod
+    def resolve(cls, recipe: Recipe) -> PreparePlan:
+        spec = recipe.data
+        return cls(source=spec.local_path or f"{spec.id}@{spec.revision or 'main'}", test_file=spec.test_path)
+
+
 def prepare(recipe: Recipe, out_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
     """Run the stage; return the metrics written."""
-    spec = recipe.data
-    source = spec.local_path or f"{spec.id}@{spec.revision or 'main'}"
-    raw = load_raw(spec)
-    if spec.max_rows:
-        raw = raw[: spec.max_rows]
-    if not raw:
-        raise FinetuneError(f"{source}: the dataset is empty; point data.local_path/data.id at rows")
+    plan = PreparePlan.resolve(recipe)
+    raw = load_rows(recipe.data, plan)
     tokenizer = load_tokenizer(recipe.model)
-    kept, dropped = format_rows(raw, spec, tokenizer, recipe.model.num_labels, source)
-    truncated = dropped.pop(TRUNCATED, 0)
-    if not kept:
-        raise FinetuneError(f"{source}: all {len(raw)} rows were dropped ({_reasons(dropped)}); " + (
-            "raise data.max_length or set data.on_too_long: truncate" if any("data.max_length" in r for r in dropped)
-            else "fix the data"))
-    parts = split_rows(kept, spec, has_test_file=bool(spec.test_path))
-    if spec.test_path:
-        test_raw = read_local(spec.test_path)
-        parts["test"], test_dropped = format_rows(test_raw, spec, tokenizer, recipe.model.num_labels, spec.test_path)
-        truncated += test_dropped.pop(TRUNCATED, 0)
-        dropped.update({f"test: {k}": v for k, v in test_dropped.items()})
-    if not parts["train"]:
-        kept_note = f" ({len(kept)} of {len(raw)} rows kept: {_reasons(dropped)})" if dropped else ""
-        raise FinetuneError(f"{source}: no training rows left after the split{kept_note}; "
-                            "lower data.test_size/eval_size")
-    lengths = token_lengths(parts["train"], tokenizer)
+    parts, kept, dropped, truncated = format_and_split(recipe, plan, raw, tokenizer)
     metrics = {
         "rows_raw": len(raw),
-        "rows_kept": len(kept),
+        "rows_kept": kept,
         "rows_dropped": sum(dropped.values()),
         "dropped": dict(sorted(dropped.items())),
-        **({"truncated": truncated} if spec.max_length else {}),
+        **({"truncated": truncated} if recipe.data.max_length else {}),
         "splits": {name: len(rows) for name, rows in parts.items()},
-        "train_tokens": length_stats(lengths),
+        "train_tokens": length_stats(token_lengths(parts["train"], tokenizer)),
     }
     with atomic_dir(out_dir) as tmp:
         for name, rows in parts.items():
             write_jsonl(tmp / f"{name}.jsonl", rows)
     write_json(metrics_path, metrics)
     return metrics
+
+
+def load_rows(spec: DataSpec, plan: PreparePlan) -> list[dict[str, Any]]:
+    """The raw rows (the first ``data.max_rows``); none is an error."""
+    raw = load_raw(spec)
+    if spec.max_rows:
+        raw = raw[: spec.max_rows]
+    if not raw:
+        raise FinetuneError(f"{plan.source}: the dataset is empty; point data.local_path/data.id at rows")
+    return raw
+
+
+def format_and_split(recipe: Recipe, plan: PreparePlan, raw: list[dict], tokenizer: Any
+                     ) -> tuple[dict[str, list[dict]], int, Counter, int]:
+    """(splits, rows kept, drop reasons, rows truncated): every row formatted, then split (the test split from
+    ``data.test_path`` when there is one)."""
+    spec, labels = recipe.data, recipe.model.num_labels
+    kept, dropped = format_rows(raw, spec, tokenizer, labels, plan.source)
+    truncated = dropped.pop(TRUNCATED, 0)
+    if not kept:
+        raise FinetuneError(f"{plan.source}: all {len(raw)} rows were dropped ({_reasons(dropped)}); " + (
+            "raise data.max_length or set data.on_too_long: truncate" if any("data.max_length" in r for r in dropped)
+            else "fix the data"))
+    parts = split_rows(kept, spec, has_test_file=bool(plan.test_file))
+    if plan.test_file:
+        parts["test"], test_dropped = format_rows(read_local(plan.test_file), spec, tokenizer, labels, plan.test_file)
+        truncated += test_dropped.pop(TRUNCATED, 0)
+        dropped.update({f"test: {k}": v for k, v in test_dropped.items()})
+    if not parts["train"]:
+        kept_note = f" ({len(kept)} of {len(raw)} rows kept: {_reasons(dropped)})" if dropped else ""
+        raise FinetuneError(f"{plan.source}: no training rows left after the split{kept_note}; "
+                            "lower data.test_size/eval_size")
+    return parts, len(kept), dropped, truncated

@@ -119,6 +119,11 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.view(result.shape)
 
 
+def is_fused(module: torch.nn.Module) -> bool:
+    """Whether :func:`install` gave ``module`` (a LoRA layer or a SwiGLU MLP) its fused forward."""
+    return getattr(module.forward, "__func__", None) in (_forward, _mlp_forward)
+
+
 def install(model: torch.nn.Module, keep_mlps: Iterable[torch.nn.Module] = ()) -> int:
     """Give every plain LoRA layer of ``model`` the fused forward, and every SwiGLU MLP around one (except
     ``keep_mlps``: those of checkpointed layers, which keep nothing anyway) the recomputed down input;
@@ -126,7 +131,7 @@ def install(model: torch.nn.Module, keep_mlps: Iterable[torch.nn.Module] = ()) -
     count = 0
     keep = {id(m) for m in keep_mlps}
     for module in list(model.modules()):
-        if getattr(module.forward, "__func__", None) in (_forward, _mlp_forward) or id(module) in keep:
+        if is_fused(module) or id(module) in keep:
             continue  # already ours (another patch, e.g. Liger's at Trainer.train, gets replaced again)
         if _plain(module) and hasattr(module, "base_layer"):
             module._peft_forward = module.forward

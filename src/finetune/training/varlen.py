@@ -30,7 +30,8 @@ def available() -> bool:
     return True
 
 
-def _kernel():
+def kernel():
+    """PyTorch's ``varlen_attn`` (a test hands in a reference kernel here: the real one needs CUDA)."""
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn
@@ -70,7 +71,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], dim)
-    fn = _kernel()
+    fn = kernel()
     causal, has_gqa = _kernel_options(fn)
     extra = dict([causal])
     if k.shape[1] != heads:  # grouped-query attention

@@ -22,70 +22,15 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from finetune.core.errors import FinetuneError, one_line
+from finetune.core.errors import FinetuneError
 from finetune.core.outputs import json_lines, write_jsonl
 from finetune.core.recipe import ModelSpec, Recipe
+from finetune.core.targets import Target, resolve
 from finetune.data.formats import check_messages
 
 Message = dict[str, str]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A model to talk to: HF weights (with an optional adapter) or a GGUF file."""
-
-    kind: Literal["hf", "gguf"]
-    label: str
-    path: Path | None = None  # HF folder (merged / adapter) or the GGUF file; None: the recipe's base
-    adapter: bool = False
-
-
-def _gguf_for(choice: str, recipe: Recipe, models_dir: Path) -> Path:
-    qtype = choice.partition(":")[2]
-    if qtype.endswith(".gguf") or "/" in qtype:
-        path = Path(qtype)
-        if not path.is_file():
-            raise FinetuneError(f"--model {choice}: {path} does not exist")
-        return path
-    types = [qtype] if qtype else list(recipe.quantize.types)
-    for t in types:
-        path = models_dir / f"{recipe.name}-{t}.gguf"
-        if path.is_file():
-            return path
-    have = sorted(p.name for p in models_dir.glob("*.gguf")) if models_dir.is_dir() else []
-    want = models_dir / f"{recipe.name}-{types[0]}.gguf"
-    hint = f"present: {', '.join(have)}" if have else "run `dvc repro quantize` (or `finetune quantize`) first"
-    raise FinetuneError(f"--model {choice}: {want} not found; {hint}")
-
-
-def resolve(choice: str, recipe: Recipe, outputs_dir: str | Path = "outputs",
-            models_dir: str | Path = "models") -> Target:
-    """Turn ``--model`` into a Target; a one-line error says what is missing and how to make it."""
-    outputs_dir, models_dir = Path(outputs_dir), Path(models_dir)
-    if choice == "base":
-        return Target("hf", "base")
-    if choice == "gguf" or choice.startswith("gguf:") or choice.endswith(".gguf"):
-        path = _gguf_for(choice if choice.startswith("gguf") else f"gguf:{choice}", recipe, models_dir)
-        return Target("gguf", f"gguf:{path.name}", path)
-    if choice in ("adapter", "merged"):
-        path = outputs_dir / choice
-        marker = "adapter_config.json" if choice == "adapter" else "config.json"
-        if not (path / marker).is_file():
-            stage = "train" if choice == "adapter" else "merge"
-            raise FinetuneError(f"--model {choice}: {path / marker} missing; run `dvc repro {stage}` "
-                                "(or `dvc exp apply <exp>` to restore an experiment's outputs)")
-        return Target("hf", choice, path, adapter=choice == "adapter")
-    path = Path(choice)
-    if (path / "adapter_config.json").is_file():
-        return Target("hf", str(path), path, adapter=True)
-    if (path / "config.json").is_file():
-        return Target("hf", str(path), path)
-    raise FinetuneError(
-        f"--model {choice}: not adapter, merged, base, gguf[:<type>|:<file>.gguf], "
-        "nor a folder with config.json / adapter_config.json"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,12 +41,10 @@ class HFBackend:
     """transformers ``generate`` in a thread, text pieces from a TextIteratorStreamer."""
 
     def __init__(self, model, tokenizer):
+        from finetune.core.inference import eos_ids  # here: a GGUF chat imports no torch (core.gguf_process)
+
         self.model, self.tokenizer = model, tokenizer
-        gen = model.generation_config.eos_token_id
-        eos = set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos = sorted(eos)
+        self.eos = sorted(set(eos_ids(model.generation_config.eos_token_id, tokenizer.eos_token_id)))
         self.finish_reason: str | None = None
         self.new_tokens = 0
         self.stop = threading.Event()
@@ -191,7 +134,7 @@ class LlamaBackend:
 
 def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 4096):
     """Load the backend for ``target`` (HF weights on GPU when present, else CPU)."""
-    if target.kind == "gguf":
+    if target.backend == "gguf":
         from finetune.core.gguf import open_gguf
 
         return LlamaBackend(open_gguf(target.path, ctx, threads))
@@ -209,8 +152,8 @@ def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if target.path is None:
         tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, _dtype())
-    elif target.adapter:
-        check_adapter(target.path, required=target.label == "adapter")  # the pipeline's own has a manifest
+    elif target.kind == "adapter":
+        check_adapter(target.path, required=target.name == "adapter")  # the pipeline's own has a manifest
         base_spec = _adapter_base(recipe.model, target.path)
         tokenizer = (AutoTokenizer.from_pretrained(target.path) if (target.path / "tokenizer_config.json").is_file()
                      else load_tokenizer(base_spec))
@@ -369,7 +312,7 @@ def _system(recipe: Recipe, opts: Options) -> str | None:
 
 def _backend(recipe: Recipe, opts: Options):
     target = resolve(opts.model, recipe, opts.outputs, opts.models)
-    print(f"loading {target.label} ...", file=sys.stderr, flush=True)
+    print(f"loading {target.name} ...", file=sys.stderr, flush=True)
     return target, load(target, recipe, opts.threads, opts.ctx)
 
 
@@ -380,9 +323,9 @@ def chat(recipe: Recipe, opts: Options) -> dict[str, Any]:
     except ImportError:
         pass
     target, backend = _backend(recipe, opts)
-    turns = run_chat(backend, _system(recipe, opts), target.label, max_new_tokens=opts.max_new_tokens,
+    turns = run_chat(backend, _system(recipe, opts), target.name, max_new_tokens=opts.max_new_tokens,
                      temperature=opts.temperature, seed=opts.seed)
-    return {"model": target.label, "turns": turns}
+    return {"model": target.name, "turns": turns}
 
 
 def generate(recipe: Recipe, opts: Options, prompts: list[str], input_path: str | None,
@@ -398,17 +341,17 @@ def generate(recipe: Recipe, opts: Options, prompts: list[str], input_path: str 
     system = _system(recipe, opts)
     if not input_path:  # stream each answer to stdout, one per line group
         for index, row in enumerate(rows):
-            generate_rows(backend, [row], system, raw, target.label, on_piece=_echo,
+            generate_rows(backend, [row], system, raw, target.name, on_piece=_echo,
                           **{**common, "seed": opts.seed + index})
             _echo("\n")
         return None
-    out = generate_rows(backend, rows, system, raw, target.label, **common)
+    out = generate_rows(backend, rows, system, raw, target.name, **common)
     if output_path == "-":
         sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
         return None
     write_jsonl(output_path, out)
     stops = sum(r["finish_reason"] == "stop" for r in out)
-    return {"model": target.label, "output": output_path, "rows": len(out), "stopped_at_eos": stops}
+    return {"model": target.name, "output": output_path, "rows": len(out), "stopped_at_eos": stops}
 
 
 def _echo(text: str) -> None:

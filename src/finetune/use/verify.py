@@ -34,6 +34,12 @@ class Rule:
     rel: float = 0.0
     abs: float = 0.0
 
+    def allows(self, workspace: Any, published: Any) -> bool:
+        """The workspace's value passes against the published one (booleans: the same)."""
+        if isinstance(workspace, bool) or isinstance(published, bool):
+            return workspace is published
+        return math.isclose(workspace, published, rel_tol=self.rel, abs_tol=self.abs)
+
     def describe(self) -> str:
         parts = [f"rel {self.rel:g}"] if self.rel else []
         return " / ".join(parts + ([f"abs {self.abs:g}"] if self.abs else [])) or "exact"
@@ -167,11 +173,6 @@ def same_class(a: dict | None, b: dict | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------ comparing
-def _close(workspace: Any, published: Any, rule: Rule) -> bool:
-    if isinstance(workspace, bool) or isinstance(published, bool):
-        return workspace is published
-    return math.isclose(workspace, published, rel_tol=rule.rel, abs_tol=rule.abs)
-
 
 def compare(workspace: dict[str, Any], published: dict[str, Any], tolerances: Tolerances) -> list[Row]:
     """One row per published or workspace number that the tolerance file does not ignore."""
@@ -196,7 +197,7 @@ def compare(workspace: dict[str, Any], published: dict[str, Any], tolerances: To
                 continue
             rule = Rule(full) if exact else tolerances.rule(full)
             check = "exact" if exact else rule.describe()
-            rows.append(Row(full, pub[key], ws[key], check, _close(ws[key], pub[key], rule)))
+            rows.append(Row(full, pub[key], ws[key], check, rule.allows(ws[key], pub[key])))
     return rows
 
 

@@ -1,0 +1,98 @@
+"""The train section's levers as this machine runs them: precision, packing, Liger kernels, attention.
+
+``auto`` means "what suits the hardware here"; :meth:`Levers.resolve` decides each lever once, and the
+train stage carries the result in its plan, so every later use (the model load, the SFT config, the
+metrics) sees the same choice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from finetune.core.errors import FinetuneError
+from finetune.core.recipe import Recipe, TrainSpec
+
+
+def precision(spec: TrainSpec) -> str:
+    """Resolve ``auto``: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU."""
+    if spec.precision != "auto":
+        return spec.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def packing_enabled(spec: TrainSpec, classify: bool = False) -> bool:
+    """Resolve ``train.packing``: ``auto`` packs causal-LM rows on CUDA unless group_by_length is asked."""
+    if classify:
+        return False
+    if spec.packing == "auto":
+        return torch.cuda.is_available() and not spec.group_by_length
+    return spec.packing
+
+
+def liger_enabled(spec: TrainSpec) -> bool:
+    """Resolve ``train.liger``: ``auto`` is on when CUDA is there and liger-kernel imports."""
+    if spec.liger == "off":
+        return False
+    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    if spec.liger == "on" and not available:
+        raise FinetuneError("train.liger: on needs CUDA and the liger-kernel package (the `gpu` extra); "
+                            "set train.liger: auto or off")
+    return available
+
+
+def attention(spec: TrainSpec, packed: bool) -> str | None:
+    """``attn_implementation`` for the model load (None: the model's default, sdpa).
+
+    Packed rows stay separate under every choice: sdpa and eager get a per-document mask that
+    transformers builds from the restarting position ids (dense: cost grows with the square of the
+    batch's tokens); flex_attention skips the blocks between documents but compiles first; varlen
+    (:mod:`finetune.training.varlen`) hands the document boundaries to PyTorch's variable-length flash
+    kernel. ``auto``: varlen when packing on CUDA and PyTorch has it, else the model's default.
+    """
+    from finetune.training import varlen
+
+    if spec.attention == "auto":
+        return varlen.register() if packed and varlen.available() else None
+    if spec.attention == "varlen":
+        if not varlen.available():
+            raise FinetuneError("train.attention: varlen needs CUDA and PyTorch >= 2.10 "
+                                "(torch.nn.attention.varlen); set train.attention: auto or sdpa")
+        if not packed:
+            raise FinetuneError("train.attention: varlen takes packed, padding-free batches; "
+                                "set train.packing: true (or auto on CUDA) or train.attention: sdpa")
+        return varlen.register()
+    return spec.attention
+
+
+@dataclass(frozen=True)
+class Levers:
+    """The levers of one run, each resolved once (:meth:`resolve`)."""
+
+    classify: bool  # a sequence classifier (the Trainer) rather than a causal LM (TRL's SFTTrainer)
+    precision: str  # fp32, fp16 or bf16
+    packing: bool
+    liger: bool
+    attention: str | None  # attn_implementation; None: the model's default
+
+    @classmethod
+    def resolve(cls, recipe: Recipe) -> Levers:
+        spec = recipe.train
+        classify = recipe.model.task == "sequence_classification"
+        packing = packing_enabled(spec, classify)
+        return cls(classify=classify, precision=precision(spec), packing=packing,
+                   liger=False if classify else liger_enabled(spec), attention=attention(spec, packing))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the base model is loaded in."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+    @property
+    def load_kwargs(self) -> dict[str, str]:
+        """``load_model`` keywords: the attention implementation when one is chosen."""
+        return {"attn_implementation": self.attention} if self.attention else {}
