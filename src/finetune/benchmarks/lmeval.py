@@ -252,73 +252,26 @@ def run(
     filters, so two records a question).
     """
     tasks = list(tasks)
-    if not tasks:
-        raise FinetuneError("lm-eval: no tasks given")
-    if apply_chat_template and "ft_quickstart_heldout" in tasks:
-        raise FinetuneError(
-            "lm-eval task 'ft_quickstart_heldout': its prompts are already chat-templated; "
-            "run it with apply_chat_template off"
-        )
-    if task_limits and limit is not None:
-        raise FinetuneError("lm-eval: give limit or task_limits, not both")
+    _check_request(tasks, apply_chat_template, limit, task_limits)
     model_args, source = _model_args(model_path, gguf_file, dtype)
     if batch_size == "auto":
         model_args["max_length"] = AUTO_MAX_LENGTH
-
-    import lm_eval
-    import torch
-    import transformers
-
-    with tempfile.TemporaryDirectory(prefix="ft-lmeval-tasks-") as tmp:
-        rendered = render_tasks(data_dir, prepared_dir, tmp)
-        tm = task_manager(rendered, include_defaults=include_defaults)
-        check_task_names(tm, tasks)
-        check_code_execution(tm, tasks, allow_code_execution)
-        check_data_files(tm, tasks)
-        doc_ids = first_docs(tm, tasks, task_limits) if task_limits else None
-        # a GGUF: transformers dequantizes it, through llama.cpp's code on every core (gguf.ggml_dequantize)
-        fast_load = ggml_dequantize() if model_args.get("gguf_file") and model is None else contextlib.nullcontext()
-        try:
-            with fast_load:
-                out = lm_eval.simple_evaluate(
-                    model="hf" if model is None else _hflm(model, model_args, batch_size),
-                    model_args=model_args if model is None else None,
-                    tasks=tasks,
-                    num_fewshot=num_fewshot,
-                    batch_size=batch_size,
-                    max_batch_size=AUTO_MAX_BATCH if batch_size == "auto" else None,
-                    device=device,
-                    limit=limit,
-                    samples=doc_ids,
-                    log_samples=True,
-                    apply_chat_template=apply_chat_template,
-                    confirm_run_unsafe_code=allow_code_execution,
-                    task_manager=tm,
-                    random_seed=seed,
-                    numpy_random_seed=seed,
-                    torch_random_seed=seed,
-                    fewshot_random_seed=seed,
-                    bootstrap_iters=1000,  # only non-mean metrics bootstrap; ours all have closed-form stderr
-                )
-        except AssertionError as err:  # lm-eval asserts that every `samples` index exists
-            if "--samples" not in str(err):
-                raise
-            has = str(err).split("In this case, ")[-1]
-            raise FinetuneError(f"eval.task_limits: more documents than a task has ({has})") from None
-    if out is None:  # only on non-zero ranks of a distributed run
-        raise FinetuneError("lm-eval returned no results (not the main process?)")
-
-    n_samples = out.get("n-samples", {})
-    results: dict[str, dict[str, float | None]] = {}
-    for name, raw in out["results"].items():
-        results[name] = _metrics(raw)
-        count = n_samples.get(name, {}).get("effective", raw.get("sample_len"))  # groups: sample_len
-        if count is not None:
-            results[name]["n"] = int(count)
-    samples: list[dict] = []
-    for name, rows in (out.get("samples") or {}).items():
-        samples += [{"task": name, **_jsonable(row)} for row in rows]
-
+    settings = {  # lm_eval.simple_evaluate's, besides the model, the tasks and their documents
+        "num_fewshot": num_fewshot,
+        "batch_size": batch_size,
+        "max_batch_size": AUTO_MAX_BATCH if batch_size == "auto" else None,
+        "device": device,
+        "limit": limit,
+        "log_samples": True,
+        "apply_chat_template": apply_chat_template,
+        "confirm_run_unsafe_code": allow_code_execution,
+        "random_seed": seed,
+        "numpy_random_seed": seed,
+        "torch_random_seed": seed,
+        "fewshot_random_seed": seed,
+        "bootstrap_iters": 1000,  # only non-mean metrics bootstrap; ours all have closed-form stderr
+    }
+    out = _evaluate(model, model_args, tasks, task_limits, data_dir, prepared_dir, include_defaults, settings)
     config = {
         "backend": "transformers (dequantized GGUF)" if model_args.get("gguf_file") else "transformers",
         "model": model_path,
@@ -339,10 +292,79 @@ def run(
         "data_dir": str(Path(data_dir).expanduser().resolve()),
         "prepared_dir": str(Path(prepared_dir).expanduser().resolve()),
         "task_versions": _jsonable(out.get("versions", {})),
-        "versions": {"lm_eval": _version("lm_eval"), "transformers": transformers.__version__,
-                     "torch": torch.__version__},
+        "versions": _versions(),
     }
-    return {"results": results, "config": config, "samples": samples}
+    return {"results": _results(out), "config": config, "samples": _samples(out)}
+
+
+def _check_request(tasks: list[str], apply_chat_template: bool, limit: int | float | None,
+                   task_limits: dict[str, int] | None) -> None:
+    if not tasks:
+        raise FinetuneError("lm-eval: no tasks given")
+    if apply_chat_template and "ft_quickstart_heldout" in tasks:
+        raise FinetuneError(
+            "lm-eval task 'ft_quickstart_heldout': its prompts are already chat-templated; "
+            "run it with apply_chat_template off"
+        )
+    if task_limits and limit is not None:
+        raise FinetuneError("lm-eval: give limit or task_limits, not both")
+
+
+def _evaluate(model: Any, model_args: dict, tasks: list[str], task_limits: dict[str, int] | None,
+              data_dir: str | Path, prepared_dir: str | Path, include_defaults: bool, settings: dict) -> dict:
+    """lm-eval's own output for ``tasks``, rendered from eval/tasks and checked (names, code execution, data
+    files) first; ``model``: an already loaded one, else lm-eval's ``hf`` loads ``model_args``."""
+    import lm_eval
+
+    with tempfile.TemporaryDirectory(prefix="ft-lmeval-tasks-") as tmp:
+        rendered = render_tasks(data_dir, prepared_dir, tmp)
+        tm = task_manager(rendered, include_defaults=include_defaults)
+        check_task_names(tm, tasks)
+        check_code_execution(tm, tasks, settings["confirm_run_unsafe_code"])
+        check_data_files(tm, tasks)
+        doc_ids = first_docs(tm, tasks, task_limits) if task_limits else None
+        # a GGUF: transformers dequantizes it, through llama.cpp's code on every core (gguf.ggml_dequantize)
+        fast_load = ggml_dequantize() if model_args.get("gguf_file") and model is None else contextlib.nullcontext()
+        try:
+            with fast_load:
+                out = lm_eval.simple_evaluate(
+                    model="hf" if model is None else _hflm(model, model_args, settings["batch_size"]),
+                    model_args=model_args if model is None else None,
+                    tasks=tasks, samples=doc_ids, task_manager=tm, **settings)
+        except AssertionError as err:  # lm-eval asserts that every `samples` index exists
+            if "--samples" not in str(err):
+                raise
+            has = str(err).split("In this case, ")[-1]
+            raise FinetuneError(f"eval.task_limits: more documents than a task has ({has})") from None
+    if out is None:  # only on non-zero ranks of a distributed run
+        raise FinetuneError("lm-eval returned no results (not the main process?)")
+    return out
+
+
+def _results(out: dict) -> dict[str, dict[str, float | None]]:
+    """Every task's and group's metrics, with ``n``: the documents scored."""
+    n_samples = out.get("n-samples", {})
+    results: dict[str, dict[str, float | None]] = {}
+    for name, raw in out["results"].items():
+        results[name] = _metrics(raw)
+        count = n_samples.get(name, {}).get("effective", raw.get("sample_len"))  # groups: sample_len
+        if count is not None:
+            results[name]["n"] = int(count)
+    return results
+
+
+def _samples(out: dict) -> list[dict]:
+    samples: list[dict] = []
+    for name, rows in (out.get("samples") or {}).items():
+        samples += [{"task": name, **_jsonable(row)} for row in rows]
+    return samples
+
+
+def _versions() -> dict[str, str | None]:
+    import torch
+    import transformers
+
+    return {"lm_eval": _version("lm_eval"), "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 def first_docs(tm, tasks: list[str], task_limits: dict[str, int]) -> dict[str, list[int]]:

@@ -137,6 +137,13 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_json_files(folder: str | Path, files: dict[str, Any]) -> None:
+    """A folder of ``<name>.json`` files (a metrics folder: one file per model or type), replaced as a whole."""
+    with atomic_dir(folder) as tmp:
+        for name, data in files.items():
+            write_json(tmp / f"{name}.json", data)
+
+
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write rows as JSON lines atomically."""
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

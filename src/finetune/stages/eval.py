@@ -24,7 +24,7 @@ from finetune.benchmarks import humaneval, lmeval
 from finetune.core import gguf_process, inference
 from finetune.core.gguf import ggml_dequantize
 from finetune.core.models import load_tokenizer, resolve_source
-from finetune.core.outputs import atomic_dir, write_json, write_jsonl
+from finetune.core.outputs import atomic_dir, write_json, write_json_files, write_jsonl
 from finetune.core.provenance import provenance
 from finetune.core.recipe import EvalSpec, Recipe
 from finetune.core.targets import Target, stage_targets
@@ -73,9 +73,7 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
     with atomic_dir(samples_dir) as samples_tmp:
         for target in plan.targets:
             results[target.name] = score(recipe, plan, target, tokenizer, samples_tmp)
-    with atomic_dir(metrics_dir) as tmp:
-        for name, entry in results.items():
-            write_json(tmp / f"{name}.json", entry)
+    write_json_files(metrics_dir, results)
     return results
 
 

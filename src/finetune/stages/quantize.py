@@ -31,7 +31,7 @@ from typing import Any
 from finetune.core import inference
 from finetune.core.errors import FinetuneError
 from finetune.core.gguf import gguf_name
-from finetune.core.outputs import atomic_dir, read_jsonl, require_free, write_json
+from finetune.core.outputs import atomic_dir, read_jsonl, require_free, write_json, write_json_files
 from finetune.core.recipe import QuantizeSpec
 from finetune.export import checks, convert
 
@@ -99,9 +99,7 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
             (tmp / plan.file("f16")).unlink()
         write_handoff(tmp, name, [results[t]["file"] for t in spec.types], merged_dir, system_prompt)
     kept = {k: v for k, v in results.items() if k in spec.types}
-    with atomic_dir(metrics_dir) as tmp:
-        for qtype, metrics in kept.items():
-            write_json(tmp / f"{qtype}.json", metrics)
+    write_json_files(metrics_dir, kept)
     return kept
 
 

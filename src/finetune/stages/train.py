@@ -77,17 +77,10 @@ class Run:
     total: int
 
 
-def train(
-    recipe: Recipe,
-    data_dir: str | Path,
-    adapter_dir: str | Path,
-    metrics_path: str | Path,
-    live_dir: str | None = "dvclive",
-    timing_path: str | Path | None = None,
-    callbacks: list | None = None,
-    checkpoint_dir: str | Path | None = None,
-    trainer_hook: Callable[[Any], None] | None = None,
-) -> dict[str, Any]:
+def train(recipe: Recipe, data_dir: str | Path, adapter_dir: str | Path, metrics_path: str | Path,
+          live_dir: str | None = "dvclive", timing_path: str | Path | None = None, callbacks: list | None = None,
+          checkpoint_dir: str | Path | None = None,
+          trainer_hook: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Run the stage; return the metrics written. Quality metrics (deterministic on CPU) go to
     ``metrics_path``, wall-clock ones (seconds, tokens/s, peak memory) to ``timing_path``.
     ``callbacks``: extra Trainer callbacks; ``trainer_hook``: called with the trainer once it is built,
