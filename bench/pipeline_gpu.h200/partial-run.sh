@@ -48,7 +48,8 @@ b() {
   while ! grep -q q4_k_m $R/gg.txt 2>/dev/null; do sleep 5; done; cat $R/gg.txt
   cd /root/w && python3 - <<'PY' 2>&1 | tee $R/humaneval-gguf.txt
 import json, time
-from finetune import gguf, humaneval  # no torch in this process: llama.cpp's CUDA build and torch crash together
+from finetune.benchmarks import humaneval  # no torch in this process: llama.cpp's CUDA build and torch crash together
+from finetune.core import gguf
 probs = humaneval.load_problems()
 prompts = [p["prompt"] for p in probs.values()]  # the recipe's prompt style: completion
 t = time.time(); llm = gguf.open_gguf("/root/gg/q4_k_m.gguf", 2048, seed=1234); load = time.time() - t
