@@ -1,4 +1,5 @@
-"""llama.cpp everywhere through finetune.core.gguf; HF inference through finetune.core.inference; threads, batches, disk."""
+"""llama.cpp everywhere through finetune.core.gguf; HF inference through finetune.core.inference; threads,
+batches, disk."""
 
 from __future__ import annotations
 
@@ -101,12 +102,12 @@ def test_a_stage_that_would_not_fit_stops_first(tiny_llama_256, tmp_path, monkey
 
 def test_task_limits_pick_the_first_documents_of_the_named_tasks(tmp_path):
     pytest.importorskip("lm_eval")
-    from finetune.benchmarks import lmeval
+    from finetune.benchmarks import lmeval, mmlu
 
     tm = lmeval.task_manager(lmeval.render_tasks(tmp_path / "data", tmp_path / "prep", tmp_path / "tasks"))
     got = lmeval.first_docs(tm, ["ft_gsm8k", "ft_mmlu_quick", "ft_arc_easy"], {"ft_gsm8k": 3, "ft_mmlu_quick": 2})
     assert got["ft_gsm8k"] == [0, 1, 2]
-    assert sorted(got) == sorted(["ft_gsm8k"] + [f"ft_mmlu_{s}" for s in lmeval.MMLU_QUICK])
+    assert sorted(got) == sorted(["ft_gsm8k"] + [f"ft_mmlu_{s}" for s in mmlu.MMLU_QUICK])
     with pytest.raises(FinetuneError, match="'ft_gsm8k' is not among eval.tasks"):
         lmeval.first_docs(tm, ["ft_arc_easy"], {"ft_gsm8k": 3})
     with pytest.raises(FinetuneError, match="unknown"):

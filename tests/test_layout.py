@@ -128,3 +128,36 @@ def test_the_walk_sees_lazy_imports_and_packages():
     needed = closure([stage_module("eval")])
     assert PACKAGE / "sandbox" / "launch.py" in needed  # through sandbox/__init__.py, which runs code
     assert PACKAGE / "core" / "__init__.py" not in needed  # a docstring only
+
+
+def _module_aliases(tree: ast.Module) -> set[str]:
+    """The names a file binds to finetune modules (``from finetune.core import gguf``, ``import ... as m``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname for a in node.names if a.name.startswith("finetune") and a.asname}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("finetune"):
+            names |= {a.asname or a.name for a in node.names if module_file(f"{node.module}.{a.name}")}
+    return names
+
+
+def test_no_module_private_is_set_from_outside():
+    """Benchmarks and tests reach the code through public names: nothing assigns (or monkeypatches) a
+    finetune module's private attribute from another file."""
+    found = []
+    for path in [*SRC.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = _module_aliases(tree)
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AugAssign) else []
+            for target in targets:
+                if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                        and target.value.id in modules and target.attr.startswith("_")):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {target.value.id}.{target.attr} = ...")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"
+                    and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id in modules
+                    and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("_")):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: setattr({node.args[0].id}, "
+                             f"{node.args[1].value!r})")
+    assert not found, found

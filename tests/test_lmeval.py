@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.benchmarks import lmeval
+from finetune.benchmarks import lmeval, mmlu
 from finetune.core.errors import FinetuneError
 
 DATA = lmeval.DEFAULT_DATA_DIR  # eval/data: shipped, so these tests run from a bare clone
@@ -63,9 +63,9 @@ def test_mmlu_yamls_match_the_generator_and_the_data():
     subjects = sorted(p.stem.removeprefix("ft_mmlu_") for p in lmeval.TASKS_DIR.glob("ft_mmlu_*.yaml")
                       if p.stem != "ft_mmlu_quick")
     assert len(subjects) == 57
-    for name, text in lmeval.mmlu_files(subjects).items():
-        assert (lmeval.TASKS_DIR / name).read_text() == text, f"{name} is stale: python -m finetune.benchmarks.lmeval write-mmlu"
-    assert lmeval.mmlu_subjects(DATA) == subjects
+    for name, text in mmlu.mmlu_files(subjects).items():
+        assert (lmeval.TASKS_DIR / name).read_text() == text, f"{name} is stale: python -m finetune.benchmarks.mmlu"
+    assert mmlu.mmlu_subjects(DATA) == subjects
 
 
 def test_shipped_tasks_load_their_docs(rendered):
