@@ -298,6 +298,12 @@ def main_run(args: argparse.Namespace) -> None:
                                "torch": torch.__version__, "cuda": cuda}), flush=True)
 
     env = stage_env(logs / "bin", work)
+    # the eval stage refuses to run model-written code unconfined: find out now, not after train and quantize
+    probe = ("from finetune import sandbox\nfrom finetune.errors import FinetuneError\ntry:\n"
+             "    print('sandbox:', sandbox.isolation())\nexcept FinetuneError as err:\n    raise SystemExit(f'error: {err}')")
+    check = [sys.executable, "-c", probe]
+    if subprocess.run(check, env=env).returncode != 0:
+        raise SystemExit(2)
     start = time.perf_counter()
     base = Path(args.base or work.parent / f"{work.name}-base-{shape}{'-tiny' if args.tiny else ''}").resolve()
     build = {"layers": 2 if args.tiny else SHAPES[shape]["num_hidden_layers"],
