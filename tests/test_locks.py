@@ -83,7 +83,8 @@ def test_cpu_and_cuda_locks_pin_the_same_versions():
     cpu, _ = read_lock(ROOT / "requirements/cpu.lock")
     cuda, _ = read_lock(ROOT / "requirements/cuda.lock")
     assert cpu["torch"] == "2.13.0+cpu" and cuda["torch"] == "2.13.0"
-    differ = {k: (cpu[k], cuda[k]) for k in cpu.keys() & cuda.keys() if Version(cpu[k]).public != Version(cuda[k]).public}
+    differ = {k: (cpu[k], cuda[k]) for k in cpu.keys() & cuda.keys()
+              if Version(cpu[k]).public != Version(cuda[k]).public}
     assert not differ, f"the CPU and CUDA locks pin different versions: {differ} (make lock)"
     assert not cpu.keys() - cuda.keys()
     gpu_only = cuda.keys() - cpu.keys()
