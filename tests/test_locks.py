@@ -100,6 +100,14 @@ def test_side_files_match_the_lock():
     for side in ("models.txt", "pip.txt"):
         pins, hashes = read_lock(ROOT / "requirements" / side)
         assert pins and all(n == 1 for n in hashes.values()), side
+    lint, hashes = read_lock(ROOT / "requirements" / "lint.txt")  # a wheel per Linux platform
+    assert list(lint) == ["ruff"] and hashes["ruff"] >= 1
+
+
+def test_make_install_installs_every_side_file_with_hashes():
+    makefile = (ROOT / "Makefile").read_text()
+    for side in sorted((ROOT / "requirements").glob("*.txt")):
+        assert re.search(rf"--require-hashes .*-r requirements/{side.name}\b", makefile), side.name
 
 
 def hadolint() -> str:
