@@ -76,7 +76,7 @@ REV ?= HEAD
 verify: install  ## REV = the git rev or DVC experiment holding the published metrics (default: HEAD, the committed ones)
 	$(BIN)/python -m finetune verify --rev $(REV)
 
-# talk to the result: MODEL = adapter | merged | base | gguf[:<type>] | a path (see README "Use the result")
+# talk to the result: MODEL = adapter | merged | base | gguf[:<type>] | a path (see docs/using-the-result.md)
 MODEL ?= merged
 HOST ?= 127.0.0.1
 PORT ?= 8000
