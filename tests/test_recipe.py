@@ -6,8 +6,8 @@ import re
 
 import pytest
 import yaml
-from conftest import ROOT, recipe_dict
 
+from conftest import ROOT, recipe_dict
 from finetune.errors import FinetuneError
 from finetune.recipe import (
     DistributedSpec,

@@ -221,9 +221,9 @@ def test_weak_level_only_by_name(fresh_levels):
 
 def test_eval_stage_refuses_before_generating(fresh_levels, monkeypatch, tmp_path):
     """No sandbox: the eval stage stops at once, before loading a model or generating anything."""
+    from conftest import recipe_dict
     from finetune import evaluate as stage
     from finetune.recipe import Recipe
-    from conftest import recipe_dict
 
     monkeypatch.setattr(sandbox, "bwrap_candidates", lambda: [])
     monkeypatch.setattr(stage, "load_tokenizer", lambda *a: pytest.fail("loaded a model without a sandbox"))

@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 
 from finetune.errors import FinetuneError
 from finetune.outputs import manifest_problem, sha256_file, write_json, write_manifest
+
 LIVE_SNAPSHOT = "dvclive"
 LOG_STATE = "finetune-log-state.json"
 KEEP = 2  # checkpoints kept: the newest and one to fall back to

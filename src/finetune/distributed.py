@@ -112,8 +112,7 @@ def launch(recipe: Recipe, argv: list[str]) -> None:
 def _accelerate_launch(argv: list[str]) -> int:
     """``accelerate launch`` itself; a failed process ends it with exit 1 instead of torch elastic's
     ChildFailedError traceback (the processes printed or left their own errors)."""
-    from accelerate.commands.launch import launch_command as accelerate_launch
-    from accelerate.commands.launch import launch_command_parser
+    from accelerate.commands.launch import launch_command as accelerate_launch, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:

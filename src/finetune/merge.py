@@ -19,7 +19,7 @@ from finetune.recipe import Recipe
 
 def eos_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -> list[int]:
     """The tokenizer's EOS first, then any the base's generation config already had."""
-    existing = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) else list(generation_eos)
+    existing = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
     first = [tokenizer_eos] if tokenizer_eos is not None else []
     return first + [i for i in existing if i not in first]
 

@@ -181,7 +181,8 @@ class QuantizeSpec(_Section):
     verify_tokens: int = Field(32, ge=1, description="New tokens generated per prompt in the checks")
     ppl_rows: int = Field(64, ge=1, description="Held-out rows scored for perplexity")
     tie_tolerance: float = Field(
-        0.01, ge=0, description="f16 greedy check: a parting where the HF logits of the two tokens are this close is a tie"
+        0.01, ge=0,
+        description="f16 greedy check: a parting where the HF logits of the two tokens are this close is a tie",
     )
     threads: Threads = Field("auto", description="llama.cpp threads; auto: the cores available to the process")
 

@@ -284,7 +284,7 @@ def _resource_errors(recipe: Recipe, where: str | Path) -> Iterator[None]:
     spec = recipe.train
     try:
         yield
-    except Exception as err:  # noqa: BLE001 -- only memory and disk faults are translated, the rest re-raised
+    except Exception as err:  # only memory and disk faults are translated, the rest re-raised
         if is_out_of_memory(err):
             raise FinetuneError(
                 f"train: out of memory (train.batch_size {spec.batch_size}, train.max_length {spec.max_length}, "
