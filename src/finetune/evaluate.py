@@ -59,7 +59,8 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
     """Greedy (temperature 0) or sampled completions, batched with left padding (``auto``: see
     :func:`finetune.inference.in_batches`)."""
     tokenizer.padding_side = "left"
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+    greedy = {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else greedy
 
     def run(chunk: list[str]) -> list[str]:
         batch = tokenizer(list(chunk), return_tensors="pt", padding=True).to(model.device)
@@ -101,7 +102,7 @@ def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any, model: Any = No
         device = str(model.device.type)
     generation_seconds = time.perf_counter() - start
     samples = [{"task_id": tid, "completion": extract_completion(t, problems[tid], spec.humaneval_prompt)}
-               for tid, t in zip(task_ids, texts)]
+               for tid, t in zip(task_ids, texts, strict=True)]
     ks = tuple(k for k in (1, 10, 100) if k <= n)
     metrics, results = humaneval.evaluate(problems, samples, k=ks, timeout=spec.humaneval_timeout,
                                           workers=spec.cpu_threads)
@@ -110,7 +111,8 @@ def run_humaneval(variant: dict, spec: EvalSpec, tokenizer: Any, model: Any = No
                 "prompt_style": spec.humaneval_prompt, "max_new_tokens": spec.humaneval_max_new_tokens,
                 "decoding": "greedy" if temperature == 0 else f"sampled (temperature {temperature}, top_p 0.95)",
                 "seed": spec.seed, "backend": "llama.cpp" if variant["kind"] == "gguf" else "transformers"}
-    rows = [s | {"raw": t} | {k: r[k] for k in ("passed", "result")} for s, t, r in zip(samples, texts, results)]
+    rows = [s | {"raw": t} | {k: r[k] for k in ("passed", "result")}
+            for s, t, r in zip(samples, texts, results, strict=True)]
     return metrics, rows
 
 
@@ -152,7 +154,8 @@ def evaluate(recipe: Recipe, merged_dir: str | Path, gguf_dir: str | Path, prepa
              metrics_dir: str | Path, samples_dir: str | Path) -> dict[str, Any]:
     """Run the stage; return {variant: metrics}."""
     if recipe.model.task != "causal_lm":
-        note = {"skipped": "lm-eval and HumanEval score causal LMs; this classifier's accuracy is in metrics/train.json"}
+        note = {"skipped": "lm-eval and HumanEval score causal LMs; "
+                           "this classifier's accuracy is in metrics/train.json"}
         with atomic_dir(samples_dir), atomic_dir(metrics_dir) as tmp:
             write_json(tmp / "skipped.json", note)
         return note

@@ -19,7 +19,6 @@ from finetune.models import load_tokenizer
 from finetune.outputs import atomic_dir, read_jsonl, write_json, write_jsonl
 from finetune.recipe import EvalSpec, ModelSpec, Recipe
 
-
 progress = logging.getLogger("finetune.progress").info
 
 
@@ -67,10 +66,10 @@ def score(model_spec: ModelSpec, rows: list[dict], spec: EvalSpec) -> tuple[floa
     model = inference.load(model_spec)
     if model_spec.task == "sequence_classification":
         preds = classify(model, tokenizer, [r["text"] for r in rows], spec)
-        result = sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows)
+        result = sum(p == r["label"] for p, r in zip(preds, rows, strict=True)) / len(rows)
     else:
         preds = generate(model, tokenizer, [r["prompt"] for r in rows], spec)
-        result = sum(exact_match(p, r["completion"]) for p, r in zip(preds, rows)) / len(rows)
+        result = sum(exact_match(p, r["completion"]) for p, r in zip(preds, rows, strict=True)) / len(rows)
     del model
     inference.release()  # the next model gets the GPU memory
     return result, preds
@@ -99,7 +98,7 @@ def heldout(recipe: Recipe, data_dir: str | Path, merged_dir: str | Path, metric
     reference = "label" if metric == "accuracy" else "completion"
     samples = [
         {"index": i, "reference": r[reference], "base": b, "finetuned": t}
-        for i, (r, b, t) in enumerate(zip(rows, base_preds, tuned_preds))
+        for i, (r, b, t) in enumerate(zip(rows, base_preds, tuned_preds, strict=True))
     ]
     with atomic_dir(samples_dir) as tmp:
         write_jsonl(tmp / "samples.jsonl", samples)

@@ -61,7 +61,8 @@ def converter_path() -> Path:
     """llama.cpp's converter, unpacked from the pinned llama-cpp-python sdist by ``make install``."""
     path = Path(os.environ.get("LLAMA_CPP_CONVERTER", Path(sys.prefix) / "llama.cpp" / "convert_hf_to_gguf.py"))
     if not path.is_file():
-        raise FinetuneError(f"{path}: llama.cpp's converter is missing; run `make install` (or set LLAMA_CPP_CONVERTER)")
+        raise FinetuneError(f"{path}: llama.cpp's converter is missing; run `make install` "
+                            "(or set LLAMA_CPP_CONVERTER)")
     return path
 
 
@@ -145,16 +146,19 @@ def check_tokenizer(cpp: dict, tokenizer, prompts: list[str], name: str) -> None
         hf_ids = tokenizer.convert_tokens_to_ids([token])
         cpp_ids = cpp["specials"][token]
         if len(cpp_ids) != 1 or cpp_ids != hf_ids:
-            raise FinetuneError(f"{name}: special token {token!r} is {cpp_ids} in the GGUF but {hf_ids} in the HF tokenizer")
+            raise FinetuneError(f"{name}: special token {token!r} is {cpp_ids} in the GGUF "
+                                f"but {hf_ids} in the HF tokenizer")
     if tokenizer.eos_token_id is not None and cpp["eos"] != tokenizer.eos_token_id:
         raise FinetuneError(
             f"{name}: EOS id is {cpp['eos']} in the GGUF but {tokenizer.eos_token_id} "
             f"({tokenizer.eos_token!r}) in the HF tokenizer; generations would not stop"
         )
-    for index, (prompt, cpp_ids) in enumerate(zip(prompts, cpp["prompts"])):
+    for index, (prompt, cpp_ids) in enumerate(zip(prompts, cpp["prompts"], strict=True)):
         hf_ids = tokenizer(prompt)["input_ids"]
         if cpp_ids != hf_ids:
-            at = next((i for i, (a, b) in enumerate(zip(hf_ids, cpp_ids)) if a != b), min(len(hf_ids), len(cpp_ids)))
+            # the first differing position, or the shorter length if one is a prefix of the other
+            pairs = zip(hf_ids, cpp_ids, strict=False)
+            at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(hf_ids), len(cpp_ids)))
             raise FinetuneError(
                 f"{name}: prompt {index} tokenizes differently at token {at} "
                 f"(HF {hf_ids[at:at + 3]} vs GGUF {cpp_ids[at:at + 3]})"
@@ -195,10 +199,10 @@ def check_generation(cpp_greedy: list[list[int]], finish: dict[str, str], refere
     index). Returns counts: matched, ties, stopped.
     """
     counts = {"matched": 0, "ties": 0, "stopped": 0}
-    for index, (prompt, ref, cpp) in enumerate(zip(prompts, reference, cpp_greedy)):
+    for index, (prompt, ref, cpp) in enumerate(zip(prompts, reference, cpp_greedy, strict=True)):
         hf = ref.tokens
         if hf != cpp:
-            at = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), min(len(hf), len(cpp)))
+            at = next((i for i, (a, b) in enumerate(zip(hf, cpp, strict=False)) if a != b), min(len(hf), len(cpp)))
             both = at < len(hf) and at < len(cpp)
             gap = ref.gap(at, cpp[at]) if both else float("inf")
             if gap <= tie_tolerance:
@@ -247,9 +251,9 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
     The output folder also gets an Ollama Modelfile per GGUF and a README on LM Studio's layout
     (finetune.handoff), with ``system_prompt`` (the recipe's data.system_prompt) as SYSTEM.
     """
-    from finetune.handoff import write_handoff
-
     from transformers import AutoTokenizer
+
+    from finetune.handoff import write_handoff
 
     merged_dir = Path(merged_dir)
     if not (merged_dir / "config.json").is_file():
@@ -297,7 +301,8 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
             cpp = gguf_process.call("inspect", {
                 "path": str(path), "n_ctx": n_ctx, "threads": spec.cpu_threads, "specials": specials(tokenizer),
                 "prompts": prompts, "prompt_ids": prompt_ids, "max_new": spec.verify_tokens, "eos": sorted(eos),
-                "stop_check": [i for i, r in enumerate(reference) if qtype == "f16" and r.tokens and r.tokens[-1] in eos],
+                "stop_check": [i for i, r in enumerate(reference)
+                               if qtype == "f16" and r.tokens and r.tokens[-1] in eos],
                 "sequences": sequences})
             check_tokenizer(cpp, tokenizer, prompts, label)
             if qtype == "f16":
