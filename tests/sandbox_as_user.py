@@ -12,7 +12,7 @@ import sys
 job = json.load(sys.stdin)
 sys.path[:0] = [job["src"]]
 sys.path.append(job["site"])
-from finetune import sandbox  # noqa: E402  (the paths above are where it lives)
+from finetune import sandbox  # noqa: E402 -- importable only once the paths above are set
 
 level = sandbox.isolation()
 results = {case: sandbox.run(chunks, job["timeout"]) for case, chunks in job["programs"].items()}

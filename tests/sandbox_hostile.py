@@ -31,7 +31,7 @@ class Target:
     addresses: dict[str, object] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, root: Path, checkout: Path) -> "Target":
+    def make(cls, root: Path, checkout: Path) -> Target:
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o777)
         (root / "canary").mkdir(exist_ok=True)
@@ -71,7 +71,7 @@ class Target:
                     sock.recvfrom(64)
                 else:
                     sock.accept()[0].close()
-            except (TimeoutError, socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 continue
             hits.append(name)
         return hits

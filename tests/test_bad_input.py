@@ -205,7 +205,7 @@ def _tokenizer_disk_full(root: Path, mp) -> None:
     from transformers import PreTrainedTokenizerBase
 
     def full(self, *args, **kwargs):
-        raise Exception("No space left on device (os error 28)")  # noqa: TRY002 -- what tokenizers raises
+        raise Exception("No space left on device (os error 28)")  # what tokenizers raises
     mp.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
 
 
@@ -219,7 +219,8 @@ def _converter_disk_full(root: Path, mp) -> None:
 
 
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True))
 BAD_SAMPLES = '{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n{"task_id": "HumanEval/1"}\n'
 TRAIN = ["train", "--live-dir", ""]
 CASES = [
@@ -230,8 +231,10 @@ CASES = [
     Case("misspelled-key", ["prepare"], r"unknown key 'train.learnig_rate'; did you mean 'train.learning_rate'",
          params={"train": {"learnig_rate": 1e-3}}),
     Case("misspelled-section", ["prepare"], r"unknown key 'lorra'; did you mean 'lora'", params={"lorra": {"r": 4}}),
-    Case("wrong-type", ["prepare"], r"key 'train.batch_size' = 'four'.*integer", params={"train": {"batch_size": "four"}}),
-    Case("lr-zero", ["train"], r"key 'train.learning_rate' = 0.*greater than 0", params={"train": {"learning_rate": 0}}),
+    Case("wrong-type", ["prepare"], r"key 'train.batch_size' = 'four'.*integer",
+         params={"train": {"batch_size": "four"}}),
+    Case("lr-zero", ["train"], r"key 'train.learning_rate' = 0.*greater than 0",
+         params={"train": {"learning_rate": 0}}),
     Case("lr-negative", ["train"], r"key 'train.learning_rate' = -0.1.*greater than 0",
          params={"train": {"learning_rate": -0.1}}),
     Case("lora-r-zero", ["train"], r"key 'lora.r' = 0.*greater than or equal to 1", params={"lora": {"r": 0}}),
@@ -262,11 +265,13 @@ CASES = [
          params={"data": {"local_path": "data/long.jsonl", "test_path": None, "max_length": 32, "system_prompt": None}},
          setup=_rows("data/long.jsonl", [{"instruction": "hi", "output": "yo"},
                                          {"instruction": "word " * 50, "output": "x"}])),
-    Case("label-out-of-range", ["prepare"], r"data/labels.jsonl: 1 row\(s\) with label 5 is outside 0..1, first at row 1",
+    Case("label-out-of-range", ["prepare"],
+         r"data/labels.jsonl: 1 row\(s\) with label 5 is outside 0..1, first at row 1",
          params={"model": {"task": "sequence_classification"}, "data": {
              "local_path": "data/labels.jsonl", "test_path": None, "format": "text_label", "eval_size": 0}},
          setup=_rows("data/labels.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 5}])),
-    Case("no-chat-template", ["prepare"], r"data.format chat: the tokenizer has no chat template; set model.chat_template",
+    Case("no-chat-template", ["prepare"],
+         r"data.format chat: the tokenizer has no chat template; set model.chat_template",
          params={"model": {"id": "nochat"}}, setup=_no_chat_template),
     Case("no-train-rows-left", ["prepare"], r"no training rows left after the split; lower data.test_size",
          params={"data": {"test_path": None, "test_size": 0.99, "eval_size": 0.99}}),
@@ -283,7 +288,8 @@ CASES = [
          params={"model": {"id": "remote"}}, setup=_remote_code),
     Case("gguf-file-missing", ["prepare"], r"model.gguf_file 'x.gguf': not found in model",
          params={"model": {"gguf_file": "x.gguf"}}),
-    Case("4bit-without-kernels", TRAIN, r"quant.mode 4bit: bitsandbytes has no 4-bit kernels here.*set quant.mode: none",
+    Case("4bit-without-kernels", TRAIN,
+         r"quant.mode 4bit: bitsandbytes has no 4-bit kernels here.*set quant.mode: none",
          params={"quant": {"mode": "4bit"}}, setup=_no_4bit_kernels),
     # train
     Case("train-without-data", ["train", "--data", "outputs/none"], r"outputs/none/train.jsonl: missing or empty; "
@@ -291,11 +297,13 @@ CASES = [
     Case("nan-loss", TRAIN, r"train: the loss became nan at step \d+; lower train.learning_rate \(now 1e\+30\); "
          r"the last good checkpoint is kept in outputs/checkpoints/\w+/checkpoint-\d+",
          params={"train": {"learning_rate": 1e30, "max_grad_norm": 1e30, "save_steps": 1, "max_steps": 3}}),
-    Case("cuda-oom", TRAIN, r"train: out of memory.*lower train.batch_size.*train.gradient_checkpointing.*train.packing",
+    Case("cuda-oom", TRAIN,
+         r"train: out of memory.*lower train.batch_size.*train.gradient_checkpointing.*train.packing",
          setup=_oom),
     Case("disk-full", TRAIN, r"adapter_model.safetensors: no space left on device.*free disk space", setup=_disk_full),
     Case("checkpoint-layers-without-checkpointing", TRAIN, r"train.checkpoint_layers is 4 but "
-         r"train.gradient_checkpointing is false; set gradient_checkpointing: true", params={"train": {"checkpoint_layers": 4}}),
+         r"train.gradient_checkpointing is false; set gradient_checkpointing: true",
+         params={"train": {"checkpoint_layers": 4}}),
     Case("checkpoint-layers-too-many", TRAIN, r"train.checkpoint_layers is 99 but the model has \d+ decoder layers",
          params={"train": {"gradient_checkpointing": True, "checkpoint_layers": 99}}),
     # merge, quantize, eval, heldout
@@ -329,7 +337,8 @@ CASES = [
          raw_params="name: x\nlora:\n  alpha: 32\nlora:\n  r: 8\n"),
     Case("duplicate-key", ["prepare"], r"params.yaml: key 'lora.r' appears twice \(lines 2 and 3\)",
          raw_params="lora:\n  r: 4\n  r: 8\n"),
-    Case("yaml-alias-bomb", ["prepare"], r"params.yaml: the YAML expands to more than 100000 values", raw_params=ALIAS_BOMB),
+    Case("yaml-alias-bomb", ["prepare"], r"params.yaml: the YAML expands to more than 100000 values",
+         raw_params=ALIAS_BOMB),
     Case("bool-is-not-int", ["prepare"], r"key 'lora.r' = True: Input should be a valid integer \(true/false is a "
          r"boolean", params={"lora": {"r": True}}),
     Case("infinite-epochs", ["prepare"], r"key 'train.epochs' = inf: Input should be a finite number",
@@ -348,12 +357,14 @@ CASES = [
          setup=_rows("data/msg.jsonl", [{"messages": [{"role": "robot", "content": "hi"},
                                                       {"role": "assistant", "content": "yo"}]}])),
     Case("every-row-too-long", ["prepare"], r"data/quickstart/train.jsonl: all 24 rows were dropped \(24 longer than "
-         r"data.max_length 8 tokens\); raise data.max_length", params={"data": {"max_length": 8, "on_too_long": "drop"}}),
+         r"data.max_length 8 tokens\); raise data.max_length",
+         params={"data": {"max_length": 8, "on_too_long": "drop"}}),
     # model sources
     Case("model-empty-folder", ["prepare"], r"model.id 'empty': the folder empty is empty",
          params={"model": {"id": "empty"}}, setup=lambda root, mp: (root / "empty").mkdir()),
     Case("model-truncated-gguf", ["prepare"], r"model.gguf_file 'cut.gguf': gguf/cut.gguf cannot be read as GGUF .*"
-         r"truncated", params={"model": {"id": "gguf", "gguf_file": "cut.gguf"}}, setup=_truncated_gguf("gguf/cut.gguf")),
+         r"truncated", params={"model": {"id": "gguf", "gguf_file": "cut.gguf"}},
+         setup=_truncated_gguf("gguf/cut.gguf")),
     # train
     Case("lora-targets-nothing", TRAIN, r"lora.target_modules \['nope_proj'\]: no layer of the model has that name; "
          r"its linear layers are .*q_proj", params={"lora": {"target_modules": ["nope_proj"]}}),
@@ -361,7 +372,8 @@ CASES = [
          r"nothing at train.max_length 8 tokens.*raise train.max_length", params={"train": {"max_length": 8}}),
     Case("cpu-oom-huge-lora-r", TRAIN, r"out of memory while adding the LoRA adapter \(lora.r 1000000000\); lower "
          r"lora.r", params={"lora": {"r": 1_000_000_000}}, setup=_cpu_oom),
-    Case("tokenizer-disk-full", TRAIN, r"outputs/adapter: no space left on device while saving", setup=_tokenizer_disk_full),
+    Case("tokenizer-disk-full", TRAIN, r"outputs/adapter: no space left on device while saving",
+         setup=_tokenizer_disk_full),
     # merge, chat and generate on damaged files
     Case("adapter-flipped-byte", ["merge"], r"outputs/adapter: adapter_model.safetensors is corrupt \(its sha256 "
          r"differs from finetune-complete.json\); rerun the train stage", setup=_adapter(_flip_last_byte)),
@@ -374,12 +386,15 @@ CASES = [
     Case("generate-binary-input", ["generate", "--input", "in.bin", "--output", "out.jsonl"],
          r"--input in.bin: not UTF-8 text", setup=_write("in.bin", bytes(range(256)) * 8)),
     Case("generate-unknown-role", ["generate", "--input", "in.jsonl", "--output", "out.jsonl"],
-         r"in.jsonl:1: message 0 with role 'robot'", setup=_rows("in.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])),
+         r"in.jsonl:1: message 0 with role 'robot'",
+         setup=_rows("in.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])),
     Case("generate-ctx-1", ["generate", "--ctx", "1", "hi"], r"argument --ctx: 1 is below 64"),
-    Case("generate-negative-tokens", ["generate", "--max-new-tokens", "-5", "hi"], r"argument --max-new-tokens: -5 is below 1"),
+    Case("generate-negative-tokens", ["generate", "--max-new-tokens", "-5", "hi"],
+         r"argument --max-new-tokens: -5 is below 1"),
     # the file system
     Case("generate-data-read-only", ["generate-data", "--out", "data/quickstart"],
-         r"data/quickstart/train.jsonl: read-only file system; write somewhere writable", setup=_read_only("data/quickstart")),
+         r"data/quickstart/train.jsonl: read-only file system; write somewhere writable",
+         setup=_read_only("data/quickstart")),
     Case("output-under-a-file", ["generate-data", "--out", "params.yaml/data"],
          r"params.yaml/data: a part of this path is a file, not a folder"),
     Case("quantize-disk-full", ["quantize", "--merged", "model"], r"quickstart-f16.gguf: no space left on device "
@@ -413,7 +428,8 @@ def project(tmp_path, tiny_llama, monkeypatch) -> Path:
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    files = [p for rel in FINISHED for p in ([root / rel] if (root / rel).is_file() else sorted((root / rel).rglob("*")))]
+    files = [p for rel in FINISHED
+             for p in ([root / rel] if (root / rel).is_file() else sorted((root / rel).rglob("*")))]
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
 
 
@@ -531,7 +547,8 @@ def test_dvc_commands_run_the_project_python_whatever_path_holds(tmp_path):
         assert found.returncode == 0 and Path(found.stdout.strip()).resolve() == venv, found.stderr
     missing = _launcher(tmp_path, env, tmp_path / "bare" / "bin")
     assert missing.returncode == 2 and missing.stdout == ""
-    assert missing.stderr.startswith("error: no Python with the finetune package") and len(missing.stderr.splitlines()) == 1
+    assert missing.stderr.startswith("error: no Python with the finetune package")
+    assert len(missing.stderr.splitlines()) == 1
 
 
 def test_any_command_removes_what_killed_runs_left(project, capsys):

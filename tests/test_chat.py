@@ -214,7 +214,8 @@ def test_generate_jsonl_in_jsonl_out(tmp_path, quickstart_params, smollm_gguf):
                                    {"role": "user", "content": "Name a color."}]}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = [sys.executable, "-m", "finetune", "--params", str(quickstart_params), "generate", "--model",
-            f"gguf:{smollm_gguf}", "--input", "in.jsonl", "--output", "out.jsonl", "--max-new-tokens", "24", "--threads", "1"]
+            f"gguf:{smollm_gguf}", "--input", "in.jsonl", "--output", "out.jsonl", "--max-new-tokens", "24",
+            "--threads", "1"]
     proc = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

@@ -85,7 +85,8 @@ def test_sigterm_saves_then_rerun_resumes_to_the_same_adapter(tiny_llama, prepar
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], abs=1e-6)
     ref_metrics = json.loads((uninterrupted / "train.json").read_text())
     assert metrics["train_loss"] == ref_metrics["train_loss"]
-    assert live_files(out / "live") == live_files(uninterrupted / "live"), "DVCLive output differs from an uninterrupted run's"
+    assert live_files(out / "live") == live_files(uninterrupted / "live"), \
+        "DVCLive output differs from an uninterrupted run's"
     assert not run_dir.exists()
 
 
@@ -150,8 +151,11 @@ def test_a_crash_after_the_last_step_resumes_without_an_extra_step(tiny_llama, p
 
 def test_changed_params_start_fresh(tiny_llama, prepared, tmp_path):
     a = tiny_recipe(tiny_llama, max_steps=STEPS)
-    key = lambda r: checkpoints.run_key(r.model_dump(include={"model", "lora", "quant", "train"}),  # noqa: E731
-                                        [prepared / "train.jsonl"])
+
+    def key(r):
+        return checkpoints.run_key(r.model_dump(include={"model", "lora", "quant", "train"}),
+                                   [prepared / "train.jsonl"])
+
     assert key(a) == key(tiny_recipe(tiny_llama, max_steps=STEPS, threads=1, save_steps=3))
     assert key(a) != key(tiny_recipe(tiny_llama, max_steps=STEPS, learning_rate=5e-4))
     before = key(a)

@@ -58,7 +58,7 @@ def test_two_gloo_processes_match_one_with_double_batch(tiny_llama, tmp_path, mo
     assert double["tokens_seen"] == single["tokens_seen"], "the 2 processes together see the same tokens"
     one, two = live_curve(tmp_path / "one" / "live"), live_curve(tmp_path / "two" / "live")
     assert [s for s, _ in one] == [s for s, _ in two] and len(one) == 4
-    for (step, a), (_, b) in zip(one, two):
+    for (step, a), (_, b) in zip(one, two, strict=True):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: 1 process {a}, 2 processes {b}"
     assert one[-1][1] < one[0][1], "the loss must fall, or the comparison shows nothing"
     assert double["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
@@ -88,7 +88,7 @@ def test_two_gloo_processes_qlora_match_one(tiny_llama, tmp_path, monkeypatch):
     assert run_train(params, data, tmp_path / "two")["num_processes"] == 2
     one, two = live_curve(tmp_path / "one" / "live"), live_curve(tmp_path / "two" / "live")
     assert len(one) == len(two) == 4
-    for (step, a), (_, b) in zip(one, two):
+    for (step, a), (_, b) in zip(one, two, strict=True):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: 1 process {a}, 2 processes {b}"
     merge(Recipe.model_validate(yaml.safe_load(params.read_text())), tmp_path / "two" / "adapter", tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file()
@@ -175,4 +175,5 @@ def test_quant_storage_reaches_bitsandbytes():
     from finetune.core.recipe import QuantSpec
 
     assert quantization_config(QuantSpec(mode="4bit")).bnb_4bit_quant_storage == torch.uint8
-    assert quantization_config(QuantSpec(mode="4bit", quant_storage="bfloat16")).bnb_4bit_quant_storage == torch.bfloat16
+    bf16_storage = quantization_config(QuantSpec(mode="4bit", quant_storage="bfloat16"))
+    assert bf16_storage.bnb_4bit_quant_storage == torch.bfloat16

@@ -23,7 +23,8 @@ def _repo(tmp: Path, config: bool) -> Path:
         shutil.copyfile(ROOT / ".dvc" / "config", tmp / ".dvc" / "config")
     (tmp / "dvc.yaml").write_text(
         "stages:\n  big:\n"
-        f"    cmd: python -c \"import os; os.makedirs('out', exist_ok=True); open('out/w.bin', 'wb').write(os.urandom({SIZE}))\"\n"
+        "    cmd: python -c \"import os; os.makedirs('out', exist_ok=True); "
+        f"open('out/w.bin', 'wb').write(os.urandom({SIZE}))\"\n"
         "    outs:\n      - out\n")
     run([sys.executable, "-m", "dvc", "repro", "-q"], tmp, env)
     return tmp

@@ -152,7 +152,8 @@ def test_messages_system_prompt_not_duplicated(tok):
         ([{"role": "user", "content": "q"}, "a"], "message 1 is text, not an object with role and content"),
         ([{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}],
          r"message 0 with role 'robot' \(use one of system, user, assistant\)"),
-        ([{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}], "message 0 with content holding a number"),
+        ([{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}],
+         "message 0 with content holding a number"),
         ([{"role": "assistant", "content": "a"}], "no prompt turns"),
     ],
 )

@@ -93,7 +93,8 @@ def test_a_stage_that_would_not_fit_stops_first(tiny_llama_256, tmp_path, monkey
     write_jsonl(tmp_path / "prep" / "test.jsonl", [{"prompt": "a", "completion": "b"}])
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=3 * 2**20))
-    with pytest.raises(FinetuneError, match=r"GGUF f16, q8_0 needs 0\.\d GiB free on the disk of .* which has 0\.0 GiB") as err:
+    with pytest.raises(FinetuneError,
+                       match=r"GGUF f16, q8_0 needs 0\.\d GiB free on the disk of .* which has 0\.0 GiB") as err:
         quantize("tiny", QuantizeSpec(types=["f16", "q8_0"]), tiny_llama_256, tmp_path / "prep",
                  tmp_path / "models", tmp_path / "metrics")
     assert "\n" not in str(err.value)

@@ -54,3 +54,13 @@ def test_missing_torch_wheel_stops_make_with_one_line(tmp_path):
     assert errors == [f"error: no wheel for {pin} (the CPU build the lock pins; PyPI does not serve it): set "
                       f"TORCH_WHEELS=<folder holding it> or TORCH_INDEX={INDEX} (pip log: {venv}/pip-lock.log)"]
     assert not (venv / ".installed").exists()
+
+
+def test_make_test_lints_before_pytest():
+    """`make test` and `make test-fast` run `ruff check` (pyproject.toml [tool.ruff]) first: a finding fails them."""
+    for target in ("test", "test-fast"):
+        proc = make("-n", target, env=no_pip_config())
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        ruff = next(i for i, line in enumerate(lines) if line.endswith("/ruff check"))
+        assert ruff < next(i for i, line in enumerate(lines) if "-m pytest" in line), target

@@ -178,7 +178,7 @@ def _independent_arc_scores(model_dir: Path) -> list[dict]:
             lls.append(sum(logprobs[i - 1, ids[i]].item() for i in cont))
         gold = row["correct_options_idx"][0]
         lengths = [len((" " + c).encode()) for c in row["options"]]
-        norm = [ll / n for ll, n in zip(lls, lengths)]
+        norm = [ll / n for ll, n in zip(lls, lengths, strict=True)]
         out.append({"lls": lls, "acc": float(max(range(len(lls)), key=lls.__getitem__) == gold),
                     "acc_norm": float(max(range(len(norm)), key=norm.__getitem__) == gold)})
     return out
@@ -193,7 +193,7 @@ def test_arc_easy_accuracy_matches_direct_computation(arc_runs, tiny_llama):
     assert scores["acc_norm"] == pytest.approx(sum(d["acc_norm"] for d in mine) / LIMIT, abs=1e-9)
     samples = sorted(result["samples"], key=lambda s: s["doc_id"])
     assert [s["doc_id"] for s in samples] == list(range(LIMIT))
-    for sample, doc in zip(samples, mine):
+    for sample, doc in zip(samples, mine, strict=True):
         theirs = [resp[0][0] for resp in sample["resps"]]
         assert theirs == pytest.approx(doc["lls"], abs=1e-4)
         assert sample["acc"] == doc["acc"]
@@ -250,12 +250,13 @@ def test_quickstart_heldout_runs_on_prepared_file(chatty_llama, tmp_path):
                  "What is 5 + 5?", "What is 9 - 1?"]
     prompts = [tok.apply_chat_template([{"role": "user", "content": q + " Answer with the result only."}],
                                        tokenize=False, add_generation_prompt=True) for q in questions]
-    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, ["69", "STONE APPLE", "13", "10", "8"])]
+    answers = ["69", "STONE APPLE", "13", "10", "8"]
+    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, answers, strict=True)]
     first = lmeval.run(str(tiny_llama), ["ft_quickstart_heldout"], prepared_dir=_write_prepared(tmp_path / "a", rows),
                        limit=4, batch_size=4)
     samples = sorted(first["samples"], key=lambda s: s["doc_id"])
     assert len(samples) == 4 and first["results"]["ft_quickstart_heldout"]["n"] == 4
-    for sample, row in zip(samples, rows):
+    for sample, row in zip(samples, rows, strict=False):  # limit=4: the first 4 of the 5 rows
         assert sample["arguments"][0][0] == row["prompt"]  # verbatim: no chat template, no strip
         assert "\n" not in sample["filtered_resps"][0] and "<|im_end|>" not in sample["filtered_resps"][0]
     # Make two of the four references the model's own outputs (with a trailing '.' and spaces):
@@ -293,8 +294,8 @@ def test_gguf_model_is_scored_dequantized():
 
 # ----------------------------------------------------------------------------- the other tasks
 def test_other_tasks_run_end_to_end(tiny_llama):
-    result = lmeval.run(str(tiny_llama), ["ft_arc_challenge", "ft_truthfulqa_mc1", "ft_mmlu_quick", "ft_gsm8k", "ft_mbpp"],
-                        data_dir=DATA, limit=2, batch_size=4, allow_code_execution=True)
+    tasks = ["ft_arc_challenge", "ft_truthfulqa_mc1", "ft_mmlu_quick", "ft_gsm8k", "ft_mbpp"]
+    result = lmeval.run(str(tiny_llama), tasks, data_dir=DATA, limit=2, batch_size=4, allow_code_execution=True)
     res = result["results"]
     for task in ("ft_arc_challenge", "ft_truthfulqa_mc1", "ft_mmlu_quick", "ft_mmlu_computer_security"):
         assert 0.0 <= res[task]["acc"] <= 1.0, task
@@ -307,4 +308,5 @@ def test_other_tasks_run_end_to_end(tiny_llama):
     assert res["ft_mbpp"]["pass_at_1"] == 0.0 and res["ft_mbpp"]["n"] == 2  # a random model
     assert result["config"]["code_execution"] is True and result["config"]["n_shot"]["ft_mbpp"] == 3
     mmlu = [s for s in result["samples"] if s["task"] == "ft_mmlu_global_facts"]
-    assert mmlu[0]["arguments"][0][0].startswith("The following are multiple choice questions (with answers) about global facts.\n\n")
+    assert mmlu[0]["arguments"][0][0].startswith(
+        "The following are multiple choice questions (with answers) about global facts.\n\n")

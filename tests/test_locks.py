@@ -83,7 +83,8 @@ def test_cpu_and_cuda_locks_pin_the_same_versions():
     cpu, _ = read_lock(ROOT / "requirements/cpu.lock")
     cuda, _ = read_lock(ROOT / "requirements/cuda.lock")
     assert cpu["torch"] == "2.13.0+cpu" and cuda["torch"] == "2.13.0"
-    differ = {k: (cpu[k], cuda[k]) for k in cpu.keys() & cuda.keys() if Version(cpu[k]).public != Version(cuda[k]).public}
+    differ = {k: (cpu[k], cuda[k]) for k in cpu.keys() & cuda.keys()
+              if Version(cpu[k]).public != Version(cuda[k]).public}
     assert not differ, f"the CPU and CUDA locks pin different versions: {differ} (make lock)"
     assert not cpu.keys() - cuda.keys()
     gpu_only = cuda.keys() - cpu.keys()
@@ -99,6 +100,14 @@ def test_side_files_match_the_lock():
     for side in ("models.txt", "pip.txt"):
         pins, hashes = read_lock(ROOT / "requirements" / side)
         assert pins and all(n == 1 for n in hashes.values()), side
+    lint, hashes = read_lock(ROOT / "requirements" / "lint.txt")  # a wheel per Linux platform
+    assert list(lint) == ["ruff"] and hashes["ruff"] >= 1
+
+
+def test_make_install_installs_every_side_file_with_hashes():
+    makefile = (ROOT / "Makefile").read_text()
+    for side in sorted((ROOT / "requirements").glob("*.txt")):
+        assert re.search(rf"--require-hashes .*-r requirements/{side.name}\b", makefile), side.name
 
 
 def hadolint() -> str:

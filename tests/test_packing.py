@@ -77,7 +77,7 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
     assert window_size == (-1, 0), "causal"
     assert q.shape[1] == k.shape[1], "grouped-query heads expanded before the kernel"
     out = []
-    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
         out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
                    .transpose(0, 1))

@@ -24,7 +24,8 @@ def uncached(stage: dict) -> list[tuple[str, dict]]:
 
 def test_every_uncached_output_persists():
     found = [(name, path, opts) for name, stage in DVC_YAML["stages"].items() for path, opts in uncached(stage)]
-    assert {"eval/metrics", "metrics/train.json", "metrics/quantize", "dvclive/plots/metrics"} <= {p for _, p, _ in found}
+    expected = {"eval/metrics", "metrics/train.json", "metrics/quantize", "dvclive/plots/metrics"}
+    assert expected <= {p for _, p, _ in found}
     assert not [f"{name}: {path}" for name, path, opts in found if opts.get("persist") is not True]
 
 
@@ -49,7 +50,8 @@ def eval_stage(persist: bool) -> dict:
     real = DVC_YAML["stages"]["eval"]
     metrics = [{path: {k: v for k, v in opts.items() if persist or k != "persist"}}
                for entry in real["metrics"] for path, opts in entry.items()]
-    return {"stages": {"eval": {"cmd": real["cmd"], "params": real["params"], "outs": real["outs"], "metrics": metrics}}}
+    stage = {"cmd": real["cmd"], "params": real["params"], "outs": real["outs"], "metrics": metrics}
+    return {"stages": {"eval": stage}}
 
 
 @pytest.mark.parametrize("persist", [True, False])

@@ -110,7 +110,8 @@ def test_read_missing_path(tmp_path):
 @pytest.mark.parametrize("name", ["latin1.jsonl", "latin1.csv"])
 def test_read_non_utf8_names_file(tmp_path, name):
     path = tmp_path / name
-    body = '{"instruction": "caf\xe9", "output": "x"}\n' if name.endswith("jsonl") else "instruction,output\ncaf\xe9,x\n"
+    jsonl = name.endswith("jsonl")
+    body = '{"instruction": "caf\xe9", "output": "x"}\n' if jsonl else "instruction,output\ncaf\xe9,x\n"
     path.write_bytes(body.encode("latin-1"))
     with pytest.raises(FinetuneError) as info:
         read_local(path)

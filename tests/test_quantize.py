@@ -20,7 +20,8 @@ SPEC = QuantizeSpec(types=["f16", "q8_0", "q4_k_m"], verify_prompts=4, verify_to
 
 @pytest.fixture
 def prepared(tmp_path) -> Path:
-    write_jsonl(tmp_path / "prepared" / "test.jsonl", [{"prompt": p, "completion": str(2 * i)} for i, p in enumerate(PROMPTS)])
+    write_jsonl(tmp_path / "prepared" / "test.jsonl",
+                [{"prompt": p, "completion": str(2 * i)} for i, p in enumerate(PROMPTS)])
     return tmp_path / "prepared"
 
 
@@ -49,7 +50,8 @@ def test_only_requested_types_are_kept(tiny_llama_256, prepared, tmp_path):
 
     spec = SPEC.model_copy(update={"types": ["q8_0"]})
     quantize("tiny", spec, tiny_llama_256, prepared, tmp_path / "models", tmp_path / "metrics")
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["README.md", "tiny-q8_0.Modelfile", "tiny-q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "README.md", "tiny-q8_0.Modelfile", "tiny-q8_0.gguf"]
 
 
 def _convert_then(mutate):

@@ -77,7 +77,7 @@ def _expected(task: str, question: str) -> str:
     if task == "python":
         expr = re.fullmatch(r"What does the Python expression `([^`]+)` evaluate to\?", question).group(1)
         assert re.fullmatch(r"[\w\s'(),*+]+", expr), expr  # only the generator's harmless shapes
-        return str(eval(expr, {"__builtins__": {"len": len, "max": max}}))  # noqa: S307
+        return str(eval(expr, {"__builtins__": {"len": len, "max": max}}))  # no other builtins
     raise AssertionError(f"unknown task {task}")
 
 

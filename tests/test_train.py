@@ -49,7 +49,7 @@ def test_completion_only_labels_and_eos(tiny_llama, prepared, tmp_path):
     trainer = build_trainer(recipe, levers, model, tok, {"train": data["train"]},
                             training_kwargs(recipe.train, levers.precision, str(tmp_path / "s")), [])
     batch = next(iter(trainer.get_train_dataloader()))
-    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
         real = ids[ids != -1]
         text = tok.decode(real)
         row = next(r for r in ROWS if text.startswith(r["prompt"]) or r["prompt"] in text)

@@ -83,7 +83,8 @@ def test_matching_workspace_passes_with_a_table(published_repo):
     assert "metrics/train.json:eval_loss" in proc.stdout and "0.342585" in proc.stdout
     assert "MISMATCH" not in proc.stdout and proc.stderr == ""
     # wall clock, provenance and derived stderr are not compared
-    for left_out in ("train_seconds", "tokens_per_second", ":seconds", "generation_seconds", "provenance", "acc_stderr"):
+    left_outs = ("train_seconds", "tokens_per_second", ":seconds", "generation_seconds", "provenance", "acc_stderr")
+    for left_out in left_outs:
         assert left_out not in proc.stdout.split("metric", 1)[1], left_out
 
 
@@ -132,7 +133,8 @@ def test_out_of_tolerance_is_one_line_per_failing_metric(published_repo):
                                                  "metrics/quantize/q4_k_m.json": {"size_bytes": 105453921}}))
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "mismatch: metrics/quantize/q4_k_m.json:size_bytes: workspace 105453921 vs published 105453920 (allowed: exact)",
+        "mismatch: metrics/quantize/q4_k_m.json:size_bytes: workspace 105453921 vs published 105453920 "
+        "(allowed: exact)",
         "mismatch: metrics/train.json:eval_loss: workspace 0.36 vs published 0.342585 (allowed: rel 0.002)",
     ]
     assert proc.stdout.count("MISMATCH") == 2
@@ -189,7 +191,8 @@ def test_shipped_tolerances_load_and_cover_the_measured_deltas():
 
 def test_bad_tolerance_file_is_one_line(tmp_path):
     bad = tmp_path / "tolerances.yaml"
-    bad.write_text("tolerances:\n  - metric: 'metrics/train.json:*loss'\n    rel: 0.002\n    reltol: 1\n    measured: x\n")
+    bad.write_text("tolerances:\n  - metric: 'metrics/train.json:*loss'\n"
+                   "    rel: 0.002\n    reltol: 1\n    measured: x\n")
     with pytest.raises(FinetuneError) as err:
         verify.load_tolerances(bad)
     assert str(err.value) == (f"{bad}: tolerances[0] (metrics/train.json:*loss): unknown key(s) reltol; "

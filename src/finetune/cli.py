@@ -167,7 +167,8 @@ def _at_least(low: float, kind: type = int) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value) or value < low:
-            raise argparse.ArgumentTypeError(f"{text} is below {low}" if math.isfinite(value) else f"{text} is not finite")
+            raise argparse.ArgumentTypeError(
+                f"{text} is below {low}" if math.isfinite(value) else f"{text} is not finite")
         return value
     return parse
 
@@ -178,11 +179,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outputs", default="outputs", help="where adapter/ and merged/ are (default: outputs)")
     p.add_argument("--models", default="models", help="where the GGUF files are (default: models)")
     p.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads")
-    p.add_argument("--ctx", type=_at_least(64), default=4096, help="llama.cpp context length (default 4096, at least 64)")
+    p.add_argument("--ctx", type=_at_least(64), default=4096,
+                   help="llama.cpp context length (default 4096, at least 64)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--system", default=None, help="system prompt (default: the recipe's data.system_prompt; '' for none)")
+    p.add_argument("--system", default=None,
+                   help="system prompt (default: the recipe's data.system_prompt; '' for none)")
     p.add_argument("--max-new-tokens", type=_at_least(1), default=256)
     p.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="0: greedy (default)")
     p.add_argument("--seed", type=int, default=0)
@@ -205,7 +208,7 @@ def _check_task_ids(path: str, samples: list[dict], problems: dict, source: str)
 
     with open(path, encoding="utf-8") as fh:
         lines = [number for number, line in enumerate(fh, 1) if line.strip()]
-    for number, sample in zip(lines, samples):
+    for number, sample in zip(lines, samples, strict=False):
         if sample["task_id"] not in problems:
             near = difflib.get_close_matches(sample["task_id"], list(problems), n=1)
             hint = f"did you mean '{near[0]}'?" if near else f"task ids look like '{next(iter(problems))}'"
@@ -289,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bubblewrap (default) or refuse; rlimits-only runs the code unconfined (not recommended)")
 
     p = add("verify", cmd_verify, "compare this workspace's metrics with the published ones (make verify)")
-    p.add_argument("--rev", default="HEAD", help="git rev or DVC experiment holding the published metrics (default: HEAD)")
+    p.add_argument("--rev", default="HEAD",
+                   help="git rev or DVC experiment holding the published metrics (default: HEAD)")
     p.add_argument("--tolerances", default=None, help="tolerance file (default: tolerances.yaml in the repository)")
 
     p = add("heldout", cmd_heldout, "score base vs fine-tuned on the held-out split")

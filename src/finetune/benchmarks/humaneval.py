@@ -90,7 +90,8 @@ def read_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     try:
         with file.open(encoding="utf-8") as fh:
             for lineno, row in json_lines(fh, file, hint=SAMPLE_HINT):
-                bad = [k for k in ("task_id", "completion") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+                bad = [k for k in ("task_id", "completion")
+                       if not isinstance(row, dict) or not isinstance(row.get(k), str)]
                 if bad:
                     raise FinetuneError(f"{file}:{lineno}: {' and '.join(bad)} missing or not a string{SAMPLE_HINT}")
                 samples.append(row)

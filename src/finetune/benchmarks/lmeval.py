@@ -39,7 +39,10 @@ DTYPES = ("float32", "float16", "bfloat16", "auto")
 # tokens for Llama-3), which leaves generation (GSM8K) at a batch of 8 on an H200. The shipped tasks'
 # longest rows (GSM8K 5-shot + 256 generated tokens, the longest MMLU questions) fit in 2048 tokens.
 AUTO_MAX_LENGTH = 2048
-AUTO_MAX_BATCH = 256  # lm-eval's own cap is 64, which leaves an H200 half idle in GSM8K's generation
+# lm-eval's own cap. On an H200 at 8B (bench/README.md, run 3) a start at 256 found batches of 167
+# (log-likelihood) and 78 (generation) that filled the card (142 of 143 GiB) and ran 1.7-1.9x and
+# 2-3.8x slower than the earlier run at 64.
+AUTO_MAX_BATCH = 64
 
 
 # --------------------------------------------------------------------------------- rendering

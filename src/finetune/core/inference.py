@@ -80,10 +80,7 @@ def in_batches(items: Sequence[T], size: int | str, run: Callable[[Sequence[T]],
 
 def eos_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -> list[int]:
     """Every id that ends a generation: the tokenizer's EOS first, then the generation config's others."""
-    if generation_eos is None:
-        existing = []
-    else:
-        existing = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos)
+    existing = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
     first = [tokenizer_eos] if tokenizer_eos is not None else []
     return first + [i for i in existing if i not in first]
 

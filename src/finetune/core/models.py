@@ -122,7 +122,7 @@ def load_tokenizer(spec: ModelSpec):
     _check_local(spec, source)
     try:
         tok = AutoTokenizer.from_pretrained(source, **load_kwargs(spec, source))
-    except Exception as err:  # noqa: BLE001 -- a broken source in any of the ways transformers reports it
+    except Exception as err:  # a broken source in any of the ways transformers reports it
         if (mapped := _load_error(spec, source, err, "tokenizer")) is None:
             raise
         raise mapped from None
@@ -190,7 +190,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = No
         cls = AutoModelForCausalLM
     try:
         model = cls.from_pretrained(source, **kwargs)
-    except Exception as err:  # noqa: BLE001 -- as in load_tokenizer
+    except Exception as err:  # as in load_tokenizer
         if is_out_of_memory(err):
             raise FinetuneError(f"model.id '{spec.id}': out of memory loading the model in {dtype}; free memory, "
                                 "pick a smaller model, or set quant.mode: 4bit (GPU)") from None
@@ -234,8 +234,9 @@ def load_adapter(base, adapter_dir: Path):
 
     try:
         return PeftModel.from_pretrained(base, adapter_dir)
-    except Exception as err:  # noqa: BLE001 -- safetensors, json and PEFT report a broken file differently
+    except Exception as err:  # safetensors, json and PEFT report a broken file differently
         if is_out_of_memory(err) or isinstance(err, FinetuneError):
             raise
-        raise FinetuneError(f"{adapter_dir}: the adapter cannot be loaded ({one_line(str(err) or type(err).__name__, 160)}); "
+        reason = one_line(str(err) or type(err).__name__, 160)
+        raise FinetuneError(f"{adapter_dir}: the adapter cannot be loaded ({reason}); "
                             "rerun the train stage (`dvc repro train`)") from None

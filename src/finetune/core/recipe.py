@@ -121,7 +121,8 @@ class TrainSpec(_Section):
         "in backward, spread evenly (None: all); the others keep them, which gives memory back for speed"
     )
     fused_lora: bool = Field(
-        True, description="Add the LoRA update inside the adapter's matmul (finetune.training.fused_lora); false: PEFT's forward"
+        True, description="Add the LoRA update inside the adapter's matmul (finetune.training.fused_lora); "
+        "false: PEFT's forward"
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     logging_steps: int = Field(5, ge=1)
@@ -181,7 +182,8 @@ class QuantizeSpec(_Section):
     verify_tokens: int = Field(32, ge=1, description="New tokens generated per prompt in the checks")
     ppl_rows: int = Field(64, ge=1, description="Held-out rows scored for perplexity")
     tie_tolerance: float = Field(
-        0.01, ge=0, description="f16 greedy check: a parting where the HF logits of the two tokens are this close is a tie"
+        0.01, ge=0,
+        description="f16 greedy check: a parting where the HF logits of the two tokens are this close is a tie",
     )
     threads: Threads = Field("auto", description="llama.cpp threads; auto: the cores available to the process")
 

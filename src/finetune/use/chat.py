@@ -82,7 +82,7 @@ class HFBackend:
                         **inputs, streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=self.eos,
                         pad_token_id=self.tokenizer.pad_token_id or self.eos[0],
                         stopping_criteria=StoppingCriteriaList([_Stop()]), **sampling)
-            except BaseException as err:  # surface in the caller, and unblock the streamer
+            except BaseException as err:  # noqa: BLE001 -- surface in the caller, and unblock the streamer
                 result["error"] = err
                 streamer.end()
 
@@ -248,7 +248,8 @@ def read_requests(path: Path, raw: bool) -> list[dict[str, Any]]:
                     if (problem := check_messages(row["messages"])) is not None:
                         raise FinetuneError(f"{path}:{number}: {problem}")
                 elif not ok_prompt:
-                    need = "'prompt' (a string)" if raw else "'prompt' (a string) or 'messages' (a list of {role, content})"
+                    need = ("'prompt' (a string)" if raw
+                            else "'prompt' (a string) or 'messages' (a list of {role, content})")
                     raise FinetuneError(f"{path}:{number}: the row needs {need}")
                 rows.append(row)
     except UnicodeDecodeError as err:
@@ -319,7 +320,7 @@ def _backend(recipe: Recipe, opts: Options):
 def chat(recipe: Recipe, opts: Options) -> dict[str, Any]:
     """Interactive chat on stdin/stdout (readline editing where the terminal has it)."""
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # noqa: F401 -- importing it gives input() line editing and history
     except ImportError:
         pass
     target, backend = _backend(recipe, opts)

@@ -62,7 +62,7 @@ def turn_pieces(tokenizer) -> TurnPieces:
         plain = _render(tokenizer, sys_user, generation=False)
         with_gen = _render(tokenizer, sys_user, generation=True)
         user_only = _render(tokenizer, [{"role": "user", "content": U1}], generation=False)
-    except Exception as err:  # jinja2 raises TemplateError for role orders a template refuses
+    except Exception as err:  # noqa: BLE001 -- jinja2's TemplateError, or whatever else a template raises
         raise ValueError(f"the chat template refuses a system/user/assistant conversation ({err})") from None
     marks = [S, U1, A1, U2, A2]
     if [text.count(m) for m in marks] != [1] * 5:
@@ -160,8 +160,10 @@ def go_template(pieces: TurnPieces) -> str:
         *([f"{{{{- {q(pieces.start)} }}}}"] if pieces.start else []),
         "{{- range $i, $_ := .Messages }}",
         "{{- $last := eq (len (slice $.Messages $i)) 1 }}",
-        f'{{{{- if eq .Role "system" }}}}{{{{ {q(pieces.system[0])} }}}}{{{{ .Content }}}}{{{{ {q(pieces.system[1])} }}}}',
-        f'{{{{- else if eq .Role "user" }}}}{{{{ {q(pieces.user[0])} }}}}{{{{ .Content }}}}{{{{ {q(pieces.user[1])} }}}}',
+        f'{{{{- if eq .Role "system" }}}}{{{{ {q(pieces.system[0])} }}}}{{{{ .Content }}}}'
+        f'{{{{ {q(pieces.system[1])} }}}}',
+        f'{{{{- else if eq .Role "user" }}}}{{{{ {q(pieces.user[0])} }}}}{{{{ .Content }}}}'
+        f'{{{{ {q(pieces.user[1])} }}}}',
         f'{{{{- else if eq .Role "assistant" }}}}{{{{ {q(pieces.assistant[0])} }}}}{{{{ .Content }}}}'
         f'{{{{ if not $last }}}}{{{{ {q(pieces.assistant[1])} }}}}{{{{ end }}}}',
         "{{- end }}",

@@ -131,7 +131,8 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
 
     metrics = [c for c in rows[0] if " " in c and c.split(" ")[-1] in ("acc", "acc_norm", "exact_match", "pass@1")]
     for row in rows[1:]:
-        metrics += [c for c in row if c not in metrics and " " in c and c.split(" ")[-1] in ("acc", "acc_norm", "exact_match", "pass@1")]
+        metrics += [c for c in row if c not in metrics and " " in c
+                    and c.split(" ")[-1] in ("acc", "acc_norm", "exact_match", "pass@1")]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * max(1, len(metrics)) / 2), 4))
     width = 0.8 / max(1, len(metrics))
     for i, metric in enumerate(metrics):

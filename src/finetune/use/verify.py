@@ -146,7 +146,8 @@ def read_metrics(rev: str, root: str | Path = ".") -> tuple[dict[str, Any], dict
 
     published = files(shown[rev])
     if not any(v for v in published.values()):
-        raise FinetuneError(f"--rev {rev}: has no metrics files to compare with (was the pipeline run and committed there?)")
+        raise FinetuneError(
+            f"--rev {rev}: has no metrics files to compare with (was the pipeline run and committed there?)")
     return files(shown.get("workspace", shown[rev])), published
 
 
@@ -228,7 +229,8 @@ def summary(rev: str, workspace: dict[str, Any], published: dict[str, Any]) -> s
     if same_class(ws, pub):
         lines.append("same hardware, Python and library versions: every metric must be equal")
     elif ws and pub and on_gpu(ws) and all(ws.get(k) == pub.get(k) for k in CLASS_KEYS):
-        lines.append("same GPU hardware, but CUDA kernels are not bitwise deterministic: metrics within tolerances.yaml")
+        lines.append(
+            "same GPU hardware, but CUDA kernels are not bitwise deterministic: metrics within tolerances.yaml")
     else:
         differs = [k for k in CLASS_KEYS if (ws or {}).get(k) != (pub or {}).get(k)] if ws and pub else ["provenance"]
         lines.append(f"{', '.join(differs)} differ(s): metrics within tolerances.yaml")
