@@ -7,7 +7,7 @@
 #   against the committed metrics. Arguments: further make targets to run in the clone afterwards (.ci/run
 #   passes test-image, so one install serves all).
 # FINETUNE_SHARED_DATA (optional) reaches `make test` only, for the real-data tests; the quickstart never sees it.
-# NEWCOMER_SKIP_TESTS=1 leaves out `make test`. The folder is removed after a passing run, kept after a failure.
+# NEWCOMER_SKIP_TESTS=1 leaves out `make test`; NEWCOMER_SKIP_REPRO=1 leaves out `make repro` and its checks. The folder is removed after a passing run, kept after a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=$(mktemp -d /tmp/finetune-newcomer.XXXXXX)
@@ -41,12 +41,14 @@ if [[ -z "${NEWCOMER_SKIP_TESTS:-}" ]]; then
   log "make test: $(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$WORK/test.log" | tail -1)"
 fi
 
-if [[ -n "${QUICKSTART_OVERRIDES:-}" ]]; then
+if [[ -n "${NEWCOMER_SKIP_REPRO:-}" ]]; then
+  log "make repro: skipped (NEWCOMER_SKIP_REPRO)"
+elif [[ -n "${QUICKSTART_OVERRIDES:-}" ]]; then
   log "quickstart overrides: $QUICKSTART_OVERRIDES"
   # shellcheck disable=SC2086  # the overrides are separate words
   .venv/bin/python -m finetune use quickstart $QUICKSTART_OVERRIDES >/dev/null
 fi
-if step repro env -u FINETUNE_SHARED_DATA make repro; then
+if [[ -z "${NEWCOMER_SKIP_REPRO:-}" ]] && step repro env -u FINETUNE_SHARED_DATA make repro; then
   .venv/bin/python - "$CLONE" <<'PY' || fail "quickstart outputs (see the lines above)"
 import json, subprocess, sys
 from pathlib import Path
