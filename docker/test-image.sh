@@ -81,9 +81,11 @@ if [[ -n "$overrides" ]]; then
   cmd=(bash -c "python -m finetune use quickstart $overrides >/dev/null && exec finetune-entrypoint repro")
 fi
 # the image's identity goes into every result's provenance (a container cannot read its own digest)
-podman run --rm --network none -e "FINETUNE_IMAGE=$IMAGE@$DIGEST" "${run_mounts[@]}" "$IMAGE" "${cmd[@]}" 2>&1 | tee "$WORK/repro.log" | grep -E "Running stage|Stage .* didn't change|ERROR|error:" || true
-status=${PIPESTATUS[0]}
-[[ $status -eq 0 ]] || { tail -40 "$WORK/repro.log"; log "quickstart failed in the image (exit $status)"; exit 1; }
+# the pipeline's status is podman's (pipefail; grep may find nothing): a failed stage fails this script
+if ! podman run --rm --network none -e "FINETUNE_IMAGE=$IMAGE@$DIGEST" "${run_mounts[@]}" "$IMAGE" "${cmd[@]}" 2>&1 \
+    | tee "$WORK/repro.log" | { grep -E "Running stage|Stage .* didn't change|ERROR|error:" || true; }; then
+  tail -40 "$WORK/repro.log"; log "quickstart failed in the image"; exit 1
+fi
 log "quickstart passed in $(( $(date +%s) - start )) s"
 for f in metrics/heldout.json metrics/train.json eval/metrics/finetuned.json models/quickstart-q4_k_m.gguf; do
   [[ -s "$WORK/workspace/$f" ]] || { log "missing output: $f"; exit 1; }
