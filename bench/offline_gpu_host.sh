@@ -3,7 +3,7 @@
 #
 #   here (CPU, with internet to PyPI):  bash bench/offline_gpu_host.sh pack DIR      # DIR: what travels (~40 MB)
 #   the GPU host, from DIR's parent:     bash DIR/offline_gpu_host.sh start          # then, until it says done:
-#                                        bash DIR/offline_gpu_host.sh poll SECONDS [OUTDIR]
+#                                        bash /root/pack/offline_gpu_host.sh poll SECONDS [OUTDIR]
 #
 # pack: the lock's versions (requirements/cuda.lock) of what the host's image lacks, as one site folder
 # for Python 3.12 (bitsandbytes trimmed to its CUDA 13.0 library, lm-eval without its 15,000 hub task
@@ -99,7 +99,9 @@ for m in ["torch", "transformers", "peft", "trl", "bitsandbytes", "liger_kernel"
     except Exception as err:  # noqa: BLE001
         print(m, "IMPORT FAILED:", type(err).__name__, str(err)[:200])
 EOF
-  setsid nohup bash "$HERE/offline_gpu_host.sh" job > "$RES/job.log" 2>&1 < /dev/null &
+  # the job runs from a copy: the folder this was started from may be replaced or removed while it runs
+  rm -rf /root/pack && cp -r "$HERE" /root/pack
+  setsid nohup bash /root/pack/offline_gpu_host.sh job > "$RES/job.log" 2>&1 < /dev/null &
   echo "job started (pid $!)"
 }
 

@@ -245,7 +245,8 @@ def stage_numbers(stage: str, work: Path) -> dict:
         for path in sorted((work / "eval" / "metrics").glob("*.json")):
             entry = json.loads(path.read_text())
             he = entry.get("humaneval") or {}
-            out[path.stem] = {"humaneval_generation_s": he.get("generation_seconds"), "device": he.get("device"),
+            out[path.stem] = {"seconds": entry.get("seconds"),
+                              "humaneval_generation_s": he.get("generation_seconds"), "device": he.get("device"),
                               "pass@1": he.get("pass@1"),
                               "lm_eval": {t: r.get("acc", r.get("exact_match_strict_match"))
                                           for t, r in (entry.get("lm_eval") or {}).get("results", {}).items()

@@ -310,3 +310,88 @@ def test_other_tasks_run_end_to_end(tiny_llama):
     mmlu = [s for s in result["samples"] if s["task"] == "ft_mmlu_global_facts"]
     assert mmlu[0]["arguments"][0][0].startswith(
         "The following are multiple choice questions (with answers) about global facts.\n\n")
+
+
+# ----------------------------------------------------------------------------- FastHFLM (benchmarks.hflm)
+def _lm_pair(tiny_llama, **kwargs):
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    from finetune.benchmarks.hflm import FastHFLM
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    return [cls(pretrained=model, tokenizer=tok, backend="causal", batch_size=4, **kwargs) for cls in (HFLM, FastHFLM)]
+
+
+@pytest.mark.parametrize("add_bos", [None, True])
+def test_fast_hflm_encodes_requests_as_lm_eval_does(tiny_llama, add_bos, monkeypatch):
+    """The same (context, continuation) ids reach _loglikelihood_tokens: trailing spaces, an empty context,
+    a context that already starts with the BOS text, repeated contexts; and a second model reuses the ids."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from finetune.benchmarks import hflm
+
+    monkeypatch.setattr(hflm, "_ENCODED", {})  # what earlier tests' models left
+    plain, fast = _lm_pair(tiny_llama, add_bos_token=add_bos)
+    bos = plain.tokenizer.decode(plain.prefix_token_id)
+    pairs = [("Question: 2+2?\nAnswer:", " 4"), ("Question: 2+2?\nAnswer:", " 5"), ("Trailing space ", "word"),
+             ("Two spaces  ", " x"), ("", "no context"), (bos + "starts with BOS", " yes"), ("ünïcödé →", " ✓")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    seen = []
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens",
+                        lambda self, reqs, **kw: seen.append(reqs) or [(0.0, 1)] * len(reqs))
+    plain.loglikelihood(requests)
+    fast.loglikelihood(requests)
+    assert seen[0] == seen[1]
+    assert len(fast._encoded) == 12  # every string encoded ahead, once (a repeated context once)
+    monkeypatch.setattr(fast.tokenizer, "encode", lambda *a, **k: pytest.fail("encoded one at a time"))
+    again = _lm_pair(tiny_llama, add_bos_token=add_bos)[1]
+    assert again._encoded is fast._encoded
+    again.tokenizer = fast.tokenizer
+    again.loglikelihood(requests)
+    assert seen[2] == seen[0]
+
+
+def test_fast_hflm_generation_batch_halves_on_out_of_memory(tiny_llama, monkeypatch):
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from finetune.benchmarks.hflm import FastHFLM
+    from finetune.core import inference
+
+    fast = FastHFLM.create_from_arg_obj({"pretrained": str(tiny_llama), "backend": "causal"},
+                                        {"batch_size": "auto", "device": "cpu"})
+    tried = []
+
+    def generate(self, reqs, disable_tqdm=False):
+        tried.append(self.batch_size)
+        if self.batch_size > 3:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return ["out"] * len(reqs)
+
+    monkeypatch.setattr(HFLM, "generate_until", generate)
+    monkeypatch.setattr(inference, "GPU_BATCH", 16)
+    requests = [Instance("generate_until", {}, ("q", {"until": ["\n"]}), i) for i in range(12)]
+    assert fast.generate_until(requests) == ["out"] * 12
+    assert tried == [12, 6, 3] and fast.batch_size == "auto"
+
+
+def test_compiled_templates_render_as_lm_eval_and_compile_once(monkeypatch):
+    from lm_eval import utils
+
+    from finetune.benchmarks.hflm import compiled_templates
+
+    docs = [{"q": "What is 2+2?", "choices": ["3", "4"]}, {"q": "Café?", "choices": ["a", "b"]}]
+    templates = ["Question: {{q}}\nAnswer:", "{{choices[1] | regex_replace('[0-9]', '#')}}", "{{q}}\n\n"]
+    expected = [utils.apply_template(t, d) for t in templates for d in docs]
+    compiled = []
+    original = utils.env.from_string
+    monkeypatch.setattr(utils.env, "from_string", lambda s: compiled.append(s) or original(s))
+    with compiled_templates():
+        assert [utils.apply_template(t, d) for t in templates for d in docs] * 2 == expected * 2
+        assert [utils.apply_template(t, d) for t in templates for d in docs] == expected
+    assert sorted(compiled) == sorted(templates)
+    assert utils.apply_template.__module__ == "lm_eval.utils"

@@ -193,3 +193,46 @@ def test_llama_cpp_runs_in_a_process_without_torch(tiny_llama_256, tmp_path, mon
     (tmp_path / "in.json").write_text("{}")
     gguf_process.main(["noop", str(tmp_path / "in.json"), str(tmp_path / "out.json")])
     assert "torch was imported" in json.loads((tmp_path / "out.json").read_text())["error"]
+
+
+def _plan_and_reference(tiny_llama_256, prepared):
+    from transformers import AutoTokenizer
+
+    from finetune.export import checks
+    from finetune.stages.quantize import QuantizePlan
+
+    plan = QuantizePlan.resolve("tiny", SPEC, prepared)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_256)
+    return plan, lambda: checks.reference(Path(tiny_llama_256), tok, list(plan.prompts), list(plan.texts),
+                                          plan.verify_tokens)
+
+
+def test_side_by_side_writes_the_same_files_and_numbers(tiny_llama_256, prepared, tmp_path):
+    """What a GPU run does (files written beside the reference and the checks) equals the one-after-another run."""
+    from finetune.stages.quantize import write_and_check
+
+    plan, reference = _plan_and_reference(tiny_llama_256, prepared)
+    runs = {}
+    for beside in (False, True):
+        out = tmp_path / str(beside)
+        out.mkdir()
+        runs[beside] = write_and_check(plan, Path(tiny_llama_256), out, reference, beside=beside)
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert {t: drop(m) for t, m in runs[True].items()} == {t: drop(m) for t, m in runs[False].items()}
+    for qtype in plan.types:
+        name = plan.file(qtype)
+        assert (tmp_path / "True" / name).read_bytes() == (tmp_path / "False" / name).read_bytes(), name
+
+
+def test_a_failed_check_stops_the_files_after_it(tiny_llama_256, prepared, tmp_path, monkeypatch):
+    from finetune.stages import quantize as stage
+
+    plan, reference = _plan_and_reference(tiny_llama_256, prepared)
+
+    def check_file(plan, ref, out_dir, qtype, seconds):
+        raise FinetuneError(f"{qtype}: check failed")
+
+    monkeypatch.setattr(stage, "check_file", check_file)
+    with pytest.raises(FinetuneError, match="f16: check failed"):
+        stage.write_and_check(plan, Path(tiny_llama_256), tmp_path, reference, beside=True)
+    assert not (tmp_path / plan.file("q4_k_m")).exists()  # queued behind q8_0, never started

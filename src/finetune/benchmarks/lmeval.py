@@ -6,8 +6,9 @@ in the repo) and ``{prepared_dir}`` (the prepare stage's output, default
 ``outputs/prepared``); :func:`render_tasks` copies the folder with both substituted and
 :func:`run` hands the copy to lm-eval's ``TaskManager`` as its include path.
 
-Scoring goes through lm-eval's ``hf`` model (transformers). A GGUF file is scored by transformers
-dequantizing it (``gguf_file=``), not by llama.cpp: the config returned says so.
+Scoring goes through lm-eval's ``hf`` model (transformers), with the work it repeats done once
+(:mod:`finetune.benchmarks.hflm`: templates compiled once, requests tokenized in one batch). A GGUF
+file is scored by transformers dequantizing it (``gguf_file=``), not by llama.cpp: the config returned says so.
 The MMLU task files are generated (:mod:`finetune.benchmarks.mmlu`).
 """
 
@@ -173,16 +174,21 @@ def _model_args(model_path: str, gguf_file: str | None, dtype: str) -> tuple[dic
     return args, source
 
 
-def _hflm(model: Any, model_args: dict, batch_size: int | str):
-    """lm-eval's ``hf`` model around a loaded one, with the tokenizer lm-eval would load for ``model_args``."""
+def _lm(model: Any, model_args: dict, settings: dict):
+    """lm-eval's ``hf`` model (:class:`~finetune.benchmarks.hflm.FastHFLM`) around a loaded ``model`` with the
+    tokenizer lm-eval would load for ``model_args``; ``model`` None: loaded from ``model_args`` as lm-eval does."""
     import transformers
-    from lm_eval.models.huggingface import HFLM
 
+    from finetune.benchmarks.hflm import FastHFLM
+
+    batch = {"batch_size": settings["batch_size"], "max_batch_size": settings["max_batch_size"] or 64}
+    if model is None:
+        return FastHFLM.create_from_arg_obj(model_args, batch | {"device": settings["device"]})
     source = {"gguf_file": model_args["gguf_file"]} if model_args.get("gguf_file") else {"use_fast": True}
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_args["pretrained"], revision="main",
                                                            trust_remote_code=False, **source)
-    return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
-                max_batch_size=AUTO_MAX_BATCH if batch_size == "auto" else 64, max_length=model_args.get("max_length"))
+    return FastHFLM(pretrained=model, tokenizer=tokenizer, backend="causal", max_length=model_args.get("max_length"),
+                    **batch)
 
 
 def _number(value: Any) -> float | None:
@@ -314,6 +320,8 @@ def _evaluate(model: Any, model_args: dict, tasks: list[str], task_limits: dict[
     files) first; ``model``: an already loaded one, else lm-eval's ``hf`` loads ``model_args``."""
     import lm_eval
 
+    from finetune.benchmarks.hflm import compiled_templates
+
     with tempfile.TemporaryDirectory(prefix="ft-lmeval-tasks-") as tmp:
         rendered = render_tasks(data_dir, prepared_dir, tmp)
         tm = task_manager(rendered, include_defaults=include_defaults)
@@ -324,11 +332,9 @@ def _evaluate(model: Any, model_args: dict, tasks: list[str], task_limits: dict[
         # a GGUF: transformers dequantizes it, through llama.cpp's code on every core (gguf.ggml_dequantize)
         fast_load = ggml_dequantize() if model_args.get("gguf_file") and model is None else contextlib.nullcontext()
         try:
-            with fast_load:
-                out = lm_eval.simple_evaluate(
-                    model="hf" if model is None else _hflm(model, model_args, settings["batch_size"]),
-                    model_args=model_args if model is None else None,
-                    tasks=tasks, samples=doc_ids, task_manager=tm, **settings)
+            with fast_load, compiled_templates():
+                out = lm_eval.simple_evaluate(model=_lm(model, model_args, settings), tasks=tasks, samples=doc_ids,
+                                              task_manager=tm, **settings)
         except AssertionError as err:  # lm-eval asserts that every `samples` index exists
             if "--samples" not in str(err):
                 raise

@@ -83,20 +83,27 @@ def score(recipe: Recipe, plan: EvalPlan, target: Target, tokenizer: Any, sample
     entry: dict[str, Any] = {"recipe": recipe.name, "variant": target.name, "provenance": provenance()}
     if plan.runs_code:
         entry["sandbox"] = sandbox.isolation()
+    seconds, start = {}, time.perf_counter()
     model = load_hf(recipe, target)
+    seconds["load"] = time.perf_counter() - start
     if spec.tasks:
         progress("eval: %s: lm-eval %s", target.name, ", ".join(spec.tasks))
+        start = time.perf_counter()
         scored = run_lmeval(recipe, plan, target, model)
         write_jsonl(samples_dir / f"{target.name}-lm_eval.jsonl", scored.pop("samples"))
         entry["lm_eval"] = scored
+        seconds["lm_eval"] = time.perf_counter() - start
     if target.backend == "gguf":  # llama.cpp takes the memory next
         model = None
         inference.release()
     if spec.humaneval_limit != 0:
+        start = time.perf_counter()
         entry["humaneval"], rows = run_humaneval(target, spec, tokenizer, model)
         write_jsonl(samples_dir / f"{target.name}-humaneval.jsonl", rows)
+        seconds["humaneval"] = time.perf_counter() - start  # generation and the sandboxed runs
     model = None
     inference.release()
+    entry["seconds"] = {k: round(v, 2) for k, v in seconds.items()}  # where this variant's time went
     return entry
 
 

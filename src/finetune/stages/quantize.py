@@ -11,7 +11,8 @@ A mismatch fails the stage naming the prompt and the first differing token. llam
 process of its own (:mod:`finetune.core.gguf_process`: its CUDA build and torch crash in one process).
 
 The HF side runs first and is freed before llama.cpp loads a file (its greedy tokens and every
-step's logits are kept), so the two never share the GPU: at 8B the stage fits a 24 GB card. On a
+step's logits are kept), so the two never share the GPU: at 8B the stage fits a 24 GB card. On a GPU
+the files are written on the CPU beside that GPU work (:func:`write_and_check`). On a
 GPU both sides compute in float32: the HF model through :func:`finetune.core.inference.reference_model`,
 llama.cpp's cuBLAS products through ``GGML_CUDA_CUBLAS_COMPUTE_TYPE=f32`` (its f16 default rounds
 sums of 4096-14336 products to 11 bits, more than the checks' tolerances). Beside the files: an Ollama
@@ -24,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,14 +90,16 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
     plan = QuantizePlan.resolve(name, spec, data_dir)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     require_free(out_dir, convert.disk_needed(merged_dir, list(spec.types)), f"GGUF {', '.join(spec.types)}")
-    # the HF side first, then its memory goes back: llama.cpp gets the whole GPU
-    progress("quantize: the merged model's perplexity and greedy tokens (the reference, on %s)", inference.device())
-    ref = checks.reference(merged_dir, tokenizer, list(plan.prompts), list(plan.texts), plan.verify_tokens)
     # float32 sums in llama.cpp's cuBLAS products too (the module docstring says why); the CPU build ignores it
     os.environ.setdefault("GGML_CUDA_CUBLAS_COMPUTE_TYPE", "f32")
+
+    def reference() -> checks.Reference:
+        progress("quantize: the merged model's perplexity and greedy tokens (the reference, on %s)",
+                 inference.device())
+        return checks.reference(merged_dir, tokenizer, list(plan.prompts), list(plan.texts), plan.verify_tokens)
+
     with atomic_dir(out_dir) as tmp:
-        seconds = write_files(plan, merged_dir, tmp)
-        results = {qtype: check_file(plan, ref, tmp, qtype, seconds) for qtype in plan.types}
+        results = write_and_check(plan, merged_dir, tmp, reference, beside=inference.device() == "cuda")
         if not plan.keep_f16:
             (tmp / plan.file("f16")).unlink()
         write_handoff(tmp, name, [results[t]["file"] for t in spec.types], merged_dir, system_prompt)
@@ -103,15 +108,43 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
     return kept
 
 
-def write_files(plan: QuantizePlan, merged_dir: Path, out_dir: Path) -> dict[str, float]:
-    """f16 with llama.cpp's converter, every other type quantized from it; seconds each took."""
+def write_and_check(plan: QuantizePlan, merged_dir: Path, out_dir: Path, reference: Callable[[], checks.Reference],
+                    beside: bool) -> dict[str, dict[str, Any]]:
+    """Write f16 with llama.cpp's converter and every other type from it, check each file; their metrics.
+
+    The files are written one after another on the CPU, the HF reference and llama.cpp's checks run on the
+    GPU. ``beside``: the two go side by side (the reference while f16 is converted, each file's checks while
+    the next is quantized), which takes ~100 s off an 8B run on one H200; on the CPU they would share the same
+    cores, so each waits for the other. The files and every number are the same either way.
+    """
+    cpu = ThreadPoolExecutor(max_workers=1)  # one writer: the files come out in plan.types order
+    try:
+        f16 = cpu.submit(_convert, merged_dir, out_dir / plan.file("f16"))
+        if not beside:
+            f16.result()
+        ref = reference()  # the HF side is freed before llama.cpp loads a file: they never share the GPU
+        seconds = {"f16": f16.result()}
+        made = {qtype: cpu.submit(_quantize, plan, out_dir, qtype) for qtype in plan.types[1:]}
+        if not beside:
+            wait(made.values())
+        results = {}
+        for qtype in plan.types:
+            if qtype in made:
+                seconds[qtype] = made[qtype].result()
+            results[qtype] = check_file(plan, ref, out_dir, qtype, seconds)
+        return results
+    finally:
+        cpu.shutdown(wait=True, cancel_futures=True)  # a failed check stops the writing of the files after it
+
+
+def _convert(merged_dir: Path, out_file: Path) -> float:
     progress("quantize: converting to f16 (llama.cpp's converter)")
-    seconds = {"f16": convert.convert_f16(merged_dir, out_dir / plan.file("f16"))}
-    for qtype in plan.types[1:]:
-        progress("quantize: f16 -> %s (%d threads)", qtype, plan.threads)
-        seconds[qtype] = convert.quantize_file(out_dir / plan.file("f16"), out_dir / plan.file(qtype), qtype,
-                                               plan.threads)
-    return seconds
+    return convert.convert_f16(merged_dir, out_file)
+
+
+def _quantize(plan: QuantizePlan, out_dir: Path, qtype: str) -> float:
+    progress("quantize: f16 -> %s (%d threads)", qtype, plan.threads)
+    return convert.quantize_file(out_dir / plan.file("f16"), out_dir / plan.file(qtype), qtype, plan.threads)
 
 
 def check_file(plan: QuantizePlan, ref: checks.Reference, out_dir: Path, qtype: str,
