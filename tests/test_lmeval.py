@@ -331,10 +331,8 @@ def test_fast_hflm_encodes_requests_as_lm_eval_does(tiny_llama, add_bos, monkeyp
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from finetune.benchmarks import hflm
-
-    monkeypatch.setattr(hflm, "_ENCODED", {})  # what earlier tests' models left
     plain, fast = _lm_pair(tiny_llama, add_bos_token=add_bos)
+    before = set(fast._encoded)  # what earlier models with this tokenizer left
     bos = plain.tokenizer.decode(plain.prefix_token_id)
     pairs = [("Question: 2+2?\nAnswer:", " 4"), ("Question: 2+2?\nAnswer:", " 5"), ("Trailing space ", "word"),
              ("Two spaces  ", " x"), ("", "no context"), (bos + "starts with BOS", " yes"), ("ünïcödé →", " ✓")]
@@ -345,7 +343,7 @@ def test_fast_hflm_encodes_requests_as_lm_eval_does(tiny_llama, add_bos, monkeyp
     plain.loglikelihood(requests)
     fast.loglikelihood(requests)
     assert seen[0] == seen[1]
-    assert len(fast._encoded) == 12  # every string encoded ahead, once (a repeated context once)
+    assert len(set(fast._encoded) - before) == 12  # every string encoded ahead, once (a repeated context once)
     monkeypatch.setattr(fast.tokenizer, "encode", lambda *a, **k: pytest.fail("encoded one at a time"))
     again = _lm_pair(tiny_llama, add_bos_token=add_bos)[1]
     assert again._encoded is fast._encoded
