@@ -304,7 +304,7 @@ def main_run(args: argparse.Namespace) -> None:
              "    print('sandbox:', sandbox.isolation())\n"
              "except FinetuneError as err:\n    raise SystemExit(f'error: {err}')")
     check = [sys.executable, "-c", probe]
-    if subprocess.run(check, env=env).returncode != 0:
+    if subprocess.run(check, env=env | {"PYTHONPATH": f"{ROOT / 'src'}:{env['PYTHONPATH']}"}).returncode != 0:
         raise SystemExit(2)
     start = time.perf_counter()
     base = Path(args.base or work.parent / f"{work.name}-base-{shape}{'-tiny' if args.tiny else ''}").resolve()

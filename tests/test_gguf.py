@@ -28,9 +28,10 @@ def test_side_by_side_decoding_gives_create_completions_text(smollm_llm, tempera
     """The GPU path (several sequences in one context) on the CPU: the same texts, greedy and sampled."""
     from finetune.core.gguf import complete
 
-    prompts = ["def add(a, b):\n", "The capital of France is", "1, 2, 3, 4,", "<|im_start|>user\nHi<|im_end|>\n"]
-    one = complete(smollm_llm, prompts, 12, temperature=temperature, seed=3, parallel=1)
-    together = complete(smollm_llm, prompts, 12, temperature=temperature, seed=3, parallel=3)
+    prompts = ["def add(a, b):\n", "The capital of France is", "1, 2, 3, 4,", "<|im_start|>user\nHi<|im_end|>\n",
+               "<|im_start|>user\nReply in emoji only 😀🎉🚀🌍<|im_end|>\n<|im_start|>assistant\n😀🎉"]  # bytes split
+    one = complete(smollm_llm, prompts, 13, temperature=temperature, seed=3, parallel=1)  # 13: a 4-byte emoji is 3 tokens
+    together = complete(smollm_llm, prompts, 13, temperature=temperature, seed=3, parallel=3)
     assert together == one
     assert len(set(one)) >= 3  # real, different texts (one may end at once at EOS)
 
