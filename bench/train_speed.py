@@ -31,6 +31,7 @@ import gzip
 import json
 import shutil
 import statistics
+import struct
 import time
 from pathlib import Path
 
@@ -118,12 +119,53 @@ def save_tokenizers(vocab_dir: Path, out: Path) -> None:
     for short, gguf in (("bpe", "ggml-vocab-llama-bpe.gguf"), ("spm", "ggml-vocab-llama-spm.gguf")):
         tok_dir = out / "tmp-tok" / short
         AutoTokenizer.from_pretrained(vocab_dir, gguf_file=gguf).save_pretrained(tok_dir)
-        n_vocab = len(GGUFReader(str(vocab_dir / gguf)).fields["tokenizer.ggml.tokens"].data)
-        _drop_tokens_from(tok_dir / "tokenizer.json", n_vocab)
+        fields = GGUFReader(str(vocab_dir / gguf)).fields
+        _drop_tokens_from(tok_dir / "tokenizer.json", len(fields["tokenizer.ggml.tokens"].data))
+        if short == "spm":  # the Hub's Llama-2 folders carry tokenizer.model; llama.cpp's converter needs it
+            (tok_dir / "tokenizer.model").write_bytes(sentencepiece_model(*(
+                [_field_value(fields[f"tokenizer.ggml.{k}"], i) for i in fields[f"tokenizer.ggml.{k}"].data]
+                for k in ("tokens", "scores", "token_type"))))
         (out / "tokenizers" / short).mkdir(parents=True, exist_ok=True)
         for f in tok_dir.iterdir():
             with f.open("rb") as src, gzip.open(out / "tokenizers" / short / (f.name + ".gz"), "wb") as dst:
                 shutil.copyfileobj(src, dst)
+
+
+def _field_value(field, index: int):
+    part = field.parts[index]
+    return bytes(part).decode() if field.types[-1].name == "STRING" else part[0].item()
+
+
+def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int]) -> bytes:
+    """A SentencePiece ``ModelProto`` (Llama-2's settings: BPE, byte fallback, identity normalizer with the
+    dummy prefix; unk 0, bos 1, eos 2, no pad) for these pieces, in protobuf's wire format written by hand
+    (protobuf is not installed). llama.cpp's token types are SentencePiece's (1 normal ... 6 byte).
+    tests/test_quantize.py checks that sentencepiece reads it back as the model it came from."""
+    def varint(n: int) -> bytes:
+        n &= (1 << 64) - 1  # a negative int32 is a ten-byte varint
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def field(number: int, wire: int, payload: bytes) -> bytes:
+        return varint(number << 3 | wire) + payload
+
+    def message(number: int, data: bytes) -> bytes:
+        return field(number, 2, varint(len(data)) + data)
+
+    def integer(number: int, value: int) -> bytes:
+        return field(number, 0, varint(value))
+
+    body = b"".join(message(1, message(1, p.encode()) + field(2, 5, struct.pack("<f", s)) + integer(3, t))
+                    for p, s, t in zip(pieces, scores, types, strict=True))
+    # TrainerSpec: model_type BPE, vocab_size, byte_fallback, unk/bos/eos/pad ids
+    settings = ((3, 2), (4, len(pieces)), (35, 1), (40, 0), (41, 1), (42, 2), (43, -1))
+    trainer = b"".join(integer(k, v) for k, v in settings)
+    normalizer = message(1, b"identity") + integer(3, 1) + integer(4, 0) + integer(5, 1)
+    return body + message(2, trainer) + message(3, normalizer)
 
 
 def _drop_tokens_from(path: Path, n_vocab: int) -> None:

@@ -30,7 +30,8 @@ def test_side_by_side_decoding_gives_create_completions_text(smollm_llm, tempera
 
     prompts = ["def add(a, b):\n", "The capital of France is", "1, 2, 3, 4,", "<|im_start|>user\nHi<|im_end|>\n",
                "<|im_start|>user\nReply in emoji only 😀🎉🚀🌍<|im_end|>\n<|im_start|>assistant\n😀🎉"]  # bytes split
-    one = complete(smollm_llm, prompts, 13, temperature=temperature, seed=3, parallel=1)  # 13: a 4-byte emoji is 3 tokens
+    # 13 tokens: the last prompt's answer ends inside a 4-byte emoji (3 tokens each)
+    one = complete(smollm_llm, prompts, 13, temperature=temperature, seed=3, parallel=1)
     together = complete(smollm_llm, prompts, 13, temperature=temperature, seed=3, parallel=3)
     assert together == one
     assert len(set(one)) >= 3  # real, different texts (one may end at once at EOS)

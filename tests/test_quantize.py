@@ -236,3 +236,103 @@ def test_a_failed_check_stops_the_files_after_it(tiny_llama_256, prepared, tmp_p
     with pytest.raises(FinetuneError, match="f16: check failed"):
         stage.write_and_check(plan, Path(tiny_llama_256), tmp_path, reference, beside=True)
     assert not (tmp_path / plan.file("q4_k_m")).exists()  # queued behind q8_0, never started
+
+
+# --------------------------------------------------------------------- SentencePiece tokenizers (Llama-2, Code Llama)
+@pytest.fixture(scope="module")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    """A Llama-2-style tokenizer folder: a SentencePiece BPE model (byte fallback) as tokenizer.model beside the
+    tokenizer.json transformers builds from the same vocabulary (through a vocabulary-only GGUF: converting the
+    .model file itself needs protobuf)."""
+    import gguf
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("spm")
+    corpus = out / "corpus.txt"
+    corpus.write_text((Path(__file__).parents[1] / "README.md").read_text() * 2 + "\n".join(PROMPTS))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "m"), vocab_size=512, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "m.model"))
+    kinds = [(sp.is_unknown, gguf.TokenType.UNKNOWN), (sp.is_control, gguf.TokenType.CONTROL),
+             (sp.is_byte, gguf.TokenType.BYTE)]
+    writer = gguf.GGUFWriter(str(out / "vocab.gguf"), "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 512), (writer.add_embedding_length, 64),
+                       (writer.add_head_count, 2), (writer.add_feed_forward_length, 128)):
+        add(value)
+    writer.add_tokenizer_model("llama")
+    ids = range(sp.get_piece_size())
+    writer.add_token_list([sp.id_to_piece(i) for i in ids])
+    writer.add_token_scores([sp.get_score(i) for i in ids])
+    writer.add_token_types([next((t for is_kind, t in kinds if is_kind(i)), gguf.TokenType.NORMAL) for i in ids])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    folder = out / "tokenizer"
+    AutoTokenizer.from_pretrained(out, gguf_file="vocab.gguf").save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes((out / "m.model").read_bytes())
+    text = "def add(a, b):\n    return a + b  # 🚀"
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == [1, *sp.encode(text)]
+    return folder
+
+
+def _spm_llama(out: Path, tokenizer, save) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    save(tokenizer, out)
+    return out
+
+
+def test_a_sentencepiece_tokenizer_reaches_the_gguf(spm_tokenizer_dir, prepared, tmp_path):
+    """transformers 5 saves tokenizer.json only; save_tokenizer keeps tokenizer.model beside it, and with it the
+    f16 GGUF tokenizes every prompt as the HF model does. Without it llama.cpp's converter gives every token
+    the same score and the check fails: what a Llama-2 recipe's merged folder was before."""
+    from transformers import AutoTokenizer
+
+    from finetune.core.models import save_tokenizer
+    from finetune.stages.quantize import quantize
+
+    tokenizer = AutoTokenizer.from_pretrained(spm_tokenizer_dir)
+    spec = SPEC.model_copy(update={"types": ["f16"]})
+    kept = _spm_llama(tmp_path / "kept", tokenizer, save_tokenizer)
+    assert (kept / "tokenizer.model").read_bytes() == (spm_tokenizer_dir / "tokenizer.model").read_bytes()
+    metrics = quantize("spm", spec, kept, prepared, tmp_path / "models", tmp_path / "metrics")
+    assert metrics["f16"]["greedy_matched"] + metrics["f16"]["greedy_ties"] == SPEC.verify_prompts
+
+    lost = _spm_llama(tmp_path / "lost", tokenizer, lambda tok, out: tok.save_pretrained(out))
+    assert not (lost / "tokenizer.model").exists()
+    with pytest.raises(FinetuneError, match="tokenizes differently"):
+        quantize("spm", spec, lost, prepared, tmp_path / "models-lost", tmp_path / "metrics-lost")
+
+
+def test_the_bench_writes_sentencepiece_models_that_sentencepiece_reads(spm_tokenizer_dir, tmp_path):
+    """bench/train_speed.py rebuilds Llama-2's tokenizer.model from llama.cpp's vocabulary GGUF by hand."""
+    import sys
+
+    import sentencepiece
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from train_speed import sentencepiece_model
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_tokenizer_dir / "tokenizer.model"))
+    ids = range(sp.get_piece_size())
+    kind = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids]
+    (tmp_path / "re.model").write_bytes(sentencepiece_model([sp.id_to_piece(i) for i in ids],
+                                                            [sp.get_score(i) for i in ids], kind))
+    again = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "re.model"))
+    texts = [(Path(__file__).parents[1] / "README.md").read_text(), "  two  spaces\n\ttab ünïcödé 🚀 end ", *PROMPTS]
+    assert [again.encode(t) for t in texts] == [sp.encode(t) for t in texts]
+    assert again.get_piece_size() == sp.get_piece_size() and again.bos_id() == 1 and again.eos_id() == 2

@@ -133,6 +133,24 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """``save_pretrained``, plus the SentencePiece model (``tokenizer.model``) the tokenizer was loaded from.
+
+    transformers 5 writes only tokenizer.json for a SentencePiece tokenizer (Llama-2, Code Llama). llama.cpp's
+    converter needs the .model file for those: without it, it reads tokenizer.json and gives every token the
+    same score, so the GGUF splits words differently from the model it came from (the quantize check fails
+    on the first prompt; LM Studio and Ollama would tokenize wrongly).
+    """
+    import shutil
+
+    tokenizer.save_pretrained(folder)
+    source = getattr(tokenizer, "vocab_file", None)
+    if isinstance(source, str) and source.endswith(".model") and Path(source).is_file():
+        target = Path(folder) / Path(source).name
+        if not target.exists():
+            shutil.copyfile(source, target)
+
+
 def quantization_config(quant: QuantSpec):
     """A bitsandbytes config for QLoRA, or None for a 16/32-bit base."""
     if quant.mode == "none":

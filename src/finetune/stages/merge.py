@@ -16,7 +16,7 @@ import torch
 
 from finetune.core.errors import FinetuneError
 from finetune.core.inference import eos_ids
-from finetune.core.models import check_adapter, load_adapter, load_model, torch_dtype
+from finetune.core.models import check_adapter, load_adapter, load_model, save_tokenizer, torch_dtype
 from finetune.core.outputs import atomic_dir, require_free
 from finetune.core.recipe import Recipe
 
@@ -58,5 +58,5 @@ def merge(recipe: Recipe, adapter_dir: str | Path, out_dir: str | Path) -> dict[
     require_free(out_dir, 1.02 * weights, f"the merged {recipe.merge.dtype} model")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)  # with tokenizer.model: llama.cpp's converter needs it
     return {"dtype": recipe.merge.dtype, "eos_token": tokenizer.eos_token}

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from finetune.core.errors import LAUNCH_ERROR_FILE, FinetuneError
+from finetune.core.models import save_tokenizer
 from finetune.core.outputs import atomic_dir, write_manifest
 from finetune.core.recipe import DistributedSpec, Recipe
 
@@ -176,7 +177,7 @@ def save_adapter(trainer, tokenizer, out_dir: str | Path) -> None:
             (tmp / "training_args.bin").unlink(missing_ok=True)
         else:
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         write_manifest(tmp)  # merge and `chat --model adapter` check it
     trainer.accelerator.wait_for_everyone()
 
