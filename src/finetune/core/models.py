@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from finetune.core.errors import FinetuneError, is_out_of_memory, one_line
+from finetune.core.gguf import read_once
 from finetune.core.outputs import MANIFEST, manifest_problem
 from finetune.core.recipe import ModelSpec, QuantSpec
 
@@ -114,6 +116,12 @@ def _hub_error(spec: ModelSpec, err: Exception) -> FinetuneError:
     return FinetuneError(f"model.id '{spec.id}': could not load ({text})")
 
 
+def reading(spec: ModelSpec):
+    """A scope in which a GGUF source's header is read once (:func:`finetune.core.gguf.read_once`); a
+    caller loading both the model and the tokenizer of a GGUF wraps both in it."""
+    return read_once() if spec.gguf_file else contextlib.nullcontext()
+
+
 def load_tokenizer(spec: ModelSpec):
     """The tokenizer with a pad token and, when the recipe sets one, its chat template."""
     from transformers import AutoTokenizer
@@ -121,7 +129,8 @@ def load_tokenizer(spec: ModelSpec):
     source = resolve_source(spec.id)
     _check_local(spec, source)
     try:
-        tok = AutoTokenizer.from_pretrained(source, **load_kwargs(spec, source))
+        with reading(spec):
+            tok = AutoTokenizer.from_pretrained(source, **load_kwargs(spec, source))
     except Exception as err:  # a broken source in any of the ways transformers reports it
         if (mapped := _load_error(spec, source, err, "tokenizer")) is None:
             raise
@@ -207,7 +216,8 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, quant: QuantSpec | None = No
     else:
         cls = AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(source, **kwargs)
+        with reading(spec):
+            model = cls.from_pretrained(source, **kwargs)
     except Exception as err:  # as in load_tokenizer
         if is_out_of_memory(err):
             raise FinetuneError(f"model.id '{spec.id}': out of memory loading the model in {dtype}; free memory, "

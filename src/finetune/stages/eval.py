@@ -22,7 +22,7 @@ import torch
 from finetune import sandbox
 from finetune.benchmarks import humaneval, lmeval
 from finetune.core import gguf_process, inference
-from finetune.core.gguf import ggml_dequantize
+from finetune.core.gguf import ggml_dequantize, read_once
 from finetune.core.models import load_tokenizer, resolve_source
 from finetune.core.outputs import atomic_dir, write_json, write_json_files, write_jsonl
 from finetune.core.provenance import provenance
@@ -84,15 +84,16 @@ def score(recipe: Recipe, plan: EvalPlan, target: Target, tokenizer: Any, sample
     if plan.runs_code:
         entry["sandbox"] = sandbox.isolation()
     seconds, start = {}, time.perf_counter()
-    model = load_hf(recipe, target)
-    seconds["load"] = time.perf_counter() - start
-    if spec.tasks:
-        progress("eval: %s: lm-eval %s", target.name, ", ".join(spec.tasks))
-        start = time.perf_counter()
-        scored = run_lmeval(recipe, plan, target, model)
-        write_jsonl(samples_dir / f"{target.name}-lm_eval.jsonl", scored.pop("samples"))
-        entry["lm_eval"] = scored
-        seconds["lm_eval"] = time.perf_counter() - start
+    with read_once():  # a GGUF's header parsed once for the model and lm-eval's tokenizer
+        model = load_hf(recipe, target)
+        seconds["load"] = time.perf_counter() - start
+        if spec.tasks:
+            progress("eval: %s: lm-eval %s", target.name, ", ".join(spec.tasks))
+            start = time.perf_counter()
+            scored = run_lmeval(recipe, plan, target, model)
+            write_jsonl(samples_dir / f"{target.name}-lm_eval.jsonl", scored.pop("samples"))
+            entry["lm_eval"] = scored
+            seconds["lm_eval"] = time.perf_counter() - start
     if target.backend == "gguf":  # llama.cpp takes the memory next
         model = None
         inference.release()

@@ -20,7 +20,7 @@ import torch
 from finetune.benchmarks.heldout import accuracy, exact_match_rate
 from finetune.core import inference
 from finetune.core.errors import FinetuneError
-from finetune.core.models import load_tokenizer
+from finetune.core.models import load_tokenizer, reading
 from finetune.core.outputs import atomic_dir, read_jsonl, write_json, write_jsonl
 from finetune.core.recipe import Recipe
 from finetune.core.targets import Target, stage_targets
@@ -78,8 +78,9 @@ def score(recipe: Recipe, plan: HeldoutPlan, target: Target) -> tuple[float, lis
     """(score, per-row outputs) of one model."""
     spec = target.spec(recipe.model)
     progress("heldout: %s, %d rows", spec.id, len(plan.rows))
-    tokenizer = load_tokenizer(spec)
-    model = inference.load(spec)
+    with reading(spec):  # a GGUF's header parsed once for both
+        tokenizer = load_tokenizer(spec)
+        model = inference.load(spec)
     references = [r[plan.reference] for r in plan.rows]
     if plan.metric == "accuracy":
         outputs = inference.classify(model, tokenizer, [r["text"] for r in plan.rows], recipe.eval.batch_size)

@@ -143,7 +143,7 @@ def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.core.inference import dtype as _dtype
-    from finetune.core.models import check_adapter, load_adapter, load_model, load_tokenizer
+    from finetune.core.models import check_adapter, load_adapter, load_model, load_tokenizer, reading
 
     if threads:
         torch.set_num_threads(threads)
@@ -151,7 +151,8 @@ def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 
         raise FinetuneError(f"model.task is {recipe.model.task}: chat needs a causal LM")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if target.path is None:
-        tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, _dtype())
+        with reading(recipe.model):  # a GGUF's header parsed once for both
+            tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, _dtype())
     elif target.kind == "adapter":
         check_adapter(target.path, required=target.name == "adapter")  # the pipeline's own has a manifest
         base_spec = _adapter_base(recipe.model, target.path)
