@@ -306,6 +306,11 @@ CASES = [
          params={"train": {"checkpoint_layers": 4}}),
     Case("checkpoint-layers-too-many", TRAIN, r"train.checkpoint_layers is 99 but the model has \d+ decoder layers",
          params={"train": {"gradient_checkpointing": True, "checkpoint_layers": 99}}),
+    Case("memory-budget-too-small", TRAIN, r"train.memory_budget_gib 0.0: even the smallest setting \(1 row of \d+ "
+         r"tokens per forward, \d+ of \d+ layers recomputed\) needs [\d.]+ GiB; set memory_budget_gib >= [\d.]+",
+         params={"train": {"memory_budget_gib": 0.001}}),
+    Case("memory-budget-not-a-size", TRAIN, r"train.memory_budget_gib is -2.0; give a size in GiB above 0",
+         params={"train": {"memory_budget_gib": -2}}),
     # merge, quantize, eval, heldout
     Case("merge-without-adapter", ["merge", "--adapter", "outputs/none"],
          r"outputs/none/adapter_config.json: missing; run the train stage first"),

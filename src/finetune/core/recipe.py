@@ -137,8 +137,17 @@ class TrainSpec(_Section):
         "attention over packed documents (CUDA). auto: varlen when packing on CUDA, else the model's default (sdpa)"
     )
 
+    memory_budget_gib: float | Literal["auto"] | None = Field(
+        None, description="Plan rows per forward (the same rows per optimizer step), checkpoint_layers and offload "
+        "at start so the run fits this much memory at the best estimated speed (finetune.training.memory); auto: "
+        "the GPU's free memory (no planning without a GPU); null: the settings as written"
+    )
+
     @model_validator(mode="after")
     def _levers(self) -> TrainSpec:
+        if isinstance(self.memory_budget_gib, float) and not (0 < self.memory_budget_gib < 1e6):
+            raise ValueError(f"train.memory_budget_gib is {self.memory_budget_gib}; give a size in GiB above 0 "
+                             "(e.g. 24), auto (the GPU's free memory) or null")
         if self.checkpoint_layers is not None and not self.gradient_checkpointing:
             raise ValueError(f"train.checkpoint_layers is {self.checkpoint_layers} but train.gradient_checkpointing "
                              "is false; set gradient_checkpointing: true or checkpoint_layers: null")

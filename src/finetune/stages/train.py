@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from finetune.core.errors import FinetuneError
-from finetune.core.models import load_model, load_tokenizer
+from finetune.core.models import load_model, load_tokenizer, reading
 from finetune.core.outputs import atomic_dir, write_json
 from finetune.core.provenance import provenance
 from finetune.core.recipe import Recipe
-from finetune.training import checkpoints, distributed, guards
+from finetune.training import checkpoints, distributed, guards, memory
 from finetune.training.levers import Levers
 from finetune.training.trainer import (
     autocast_inputs,
@@ -92,6 +92,7 @@ def train(recipe: Recipe, data_dir: str | Path, adapter_dir: str | Path, metrics
     """
     plan = TrainPlan.resolve(recipe, data_dir, adapter_dir, live_dir, checkpoint_dir)
     splits, tokenizer, model = _setup(recipe, plan)
+    recipe, memory_plan = _fit(recipe, plan, model)
     with checkpoints.removed_on_success(plan.run_dir):  # the run folder outlives a kill or an error
         run = _build(recipe, plan, model, tokenizer, splits, list(callbacks or []))
         if trainer_hook is not None:
@@ -104,6 +105,7 @@ def train(recipe: Recipe, data_dir: str | Path, adapter_dir: str | Path, metrics
         "train_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
         "peak_memory_gib": round(peak, 3),
+        **({"memory_plan": memory_plan} if memory_plan else {}),
         "provenance": provenance(),
     }
     if plan.main:
@@ -121,12 +123,26 @@ def _setup(recipe: Recipe, plan: TrainPlan) -> tuple[dict, Any, Any]:
         torch.set_num_threads(recipe.train.threads)
     set_seed(recipe.train.seed)
     splits = load_splits(plan.data_dir)
-    tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, plan.levers.dtype, recipe.quant, **plan.levers.load_kwargs,
-                       **distributed.load_overrides(recipe))
+    with reading(recipe.model):  # a GGUF's header parsed once for both
+        tokenizer = load_tokenizer(recipe.model)
+        model = load_model(recipe.model, plan.levers.dtype, recipe.quant, **plan.levers.load_kwargs,
+                           **distributed.load_overrides(recipe))
     if plan.live_work is not None:
         checkpoints.restore_live(plan.resume, plan.live_work)
     return splits, tokenizer, model
+
+
+def _fit(recipe: Recipe, plan: TrainPlan, model) -> tuple[Recipe, dict | None]:
+    """The recipe with the train settings that fit ``train.memory_budget_gib`` (:mod:`finetune.training.memory`),
+    and what was chosen; the recipe as it is when no budget is set."""
+    if recipe.train.memory_budget_gib is None:
+        return recipe, None
+    if plan.levers.classify or not memory.decoder_layers(model):
+        raise FinetuneError("train.memory_budget_gib plans causal LMs made of decoder layers; set it to null for "
+                            f"{recipe.model.id}")
+    offload = "offload_activations" in type(recipe.train).model_fields
+    spec, chosen = memory.plan(model, recipe, fused_loss=plan.levers.liger, offload=offload)
+    return recipe.model_copy(update={"train": spec}), chosen
 
 
 def _build(recipe: Recipe, plan: TrainPlan, model, tokenizer, splits: dict, callbacks: list) -> Run:

@@ -1,0 +1,98 @@
+"""train.memory_budget_gib: the measured costs match what autograd keeps, the choice is the fastest that fits,
+a budget that fits nothing is one line, and the train stage runs the chosen setting with the same rows per
+optimizer step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import saved_bytes
+from finetune.core.errors import FinetuneError
+from finetune.training import memory
+from finetune.training.memory import GIB, Costs, Setting, choose, need
+from test_train import prepared, tiny_recipe  # noqa: F401 -- the train tests' tiny recipe and rows (a fixture)
+
+COSTS = Costs(static=6 * GIB, kept_per_row=GIB // 4, input_per_row=GIB // 256, loss_per_row=GIB // 2, layers=32,
+              tokens_per_row=2048)
+
+
+def test_larger_budgets_choose_settings_that_fit_and_are_no_slower():
+    chosen = [choose(COSTS, int(b * GIB), 8, offload=True) for b in (8, 12, 16, 24, 40, 80, 140)]
+    times = [memory.time_per_token(COSTS, s) for s in chosen]
+    assert times == sorted(times, reverse=True), chosen
+    for budget, s in zip((8, 12, 16, 24, 40, 80, 140), chosen, strict=True):
+        assert need(COSTS, s) <= budget * GIB * (1 - memory.MARGIN)
+        assert s.rows * s.grad_accum == 8  # the recipe's rows per optimizer step
+    assert chosen[0].checkpoint_layers > 0 and chosen[-1] == Setting(8, 1, 0, False)  # nothing recomputed at 140
+
+
+def test_a_budget_that_fits_nothing_names_the_smallest_that_would():
+    with pytest.raises(FinetuneError, match=r"memory_budget_gib 6\.0: even the smallest setting \(1 row of 2048 "
+                       r"tokens per forward, 32 of 32 layers recomputed, inputs offloaded\) needs ([\d.]+) GiB") as err:
+        choose(COSTS, 6 * GIB, 8, offload=True)
+    smallest = float(err.value.args[0].split("needs ")[1].split(" GiB")[0])
+    assert choose(COSTS, int((smallest + 0.05) * GIB), 8, offload=True).rows == 1  # and that one fits
+    with pytest.raises(FinetuneError, match="32 of 32 layers recomputed\\)"):  # no offload lever: none named
+        choose(COSTS, 6 * GIB, 8, offload=False)
+
+
+def test_measured_layer_costs_are_what_autograd_keeps(tiny_llama):
+    """One decoder layer's measured bytes, times the layers, is what a whole forward keeps (less the
+    embedding's and the head's share); with every layer recomputed, a forward keeps about their inputs."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model.train()
+    tokens, rows = 96, 3
+    kept, inputs = memory.layer_bytes(model, tokens)
+    assert inputs == tokens * model.config.hidden_size * 4
+    layers = len(memory.decoder_layers(model))
+    ids = torch.randint(0, model.config.vocab_size, (rows, tokens))
+
+    def body():  # the decoder layers' share: the model up to the final norm
+        return model.model(input_ids=ids).last_hidden_state
+
+    _, whole = saved_bytes(body)
+    # the rest: the final norm's input and the embedding's ids, a share that shrinks with depth (2 layers here)
+    assert rows * layers * kept <= whole <= 1.2 * rows * layers * kept
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, recomputed = saved_bytes(body)
+    # each layer's input, plus the final norm's input and output (two more hidden states a row)
+    assert recomputed == pytest.approx(rows * (layers + 2) * inputs, rel=0.05)
+    assert recomputed < whole / 3
+
+
+def _costs_of(recipe) -> Costs:
+    from finetune.core.models import load_model
+
+    model = load_model(recipe.model, torch.float32)
+    return memory.measure(model, recipe, fused_loss=False)
+
+
+def test_the_train_stage_runs_the_setting_the_budget_allows(tiny_llama, prepared, tmp_path):  # noqa: F811
+    """A budget between what 4 rows and 2 rows per forward need: 2 rows x 2 accumulated (the recipe's 4 rows
+    per step), every token seen as in the plain run; the choice is in the timing file."""
+    from finetune.stages.train import train
+
+    plain = train(tiny_recipe(tiny_llama), prepared, tmp_path / "plain", tmp_path / "plain.json", live_dir=None,
+                  checkpoint_dir=tmp_path / "c1")
+    probe = tiny_recipe(tiny_llama)
+    costs = _costs_of(probe)
+    two, four = need(costs, Setting(2, 2, 0, False)), need(costs, Setting(4, 1, 0, False))
+    budget = (two + (four - two) / 4) / (1 - memory.MARGIN) / GIB
+    assert need(costs, Setting(2, 2, 2, False)) < need(costs, Setting(4, 1, 2, False)) < four
+    recipe = tiny_recipe(tiny_llama, memory_budget_gib=budget)
+    planned = train(recipe, prepared, tmp_path / "fit", tmp_path / "fit.json", live_dir=None,
+                    timing_path=tmp_path / "timing.json", checkpoint_dir=tmp_path / "c2")
+    chosen = json.loads((tmp_path / "timing.json").read_text())["memory_plan"]
+    assert (chosen["rows"], chosen["grad_accum"]) in ((2, 2), (4, 1)) and chosen["predicted_gib"] <= budget
+    if chosen["rows"] == 4:  # recomputing was estimated faster than halving the rows: it must fit
+        assert chosen["checkpoint_layers"] > 0
+    assert planned["tokens_seen"] == plain["tokens_seen"] and planned["steps"] == plain["steps"]
+    assert planned["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+    with pytest.raises(FinetuneError, match="even the smallest setting"):
+        train(tiny_recipe(tiny_llama, memory_budget_gib=costs.static / GIB), prepared, tmp_path / "none",
+              tmp_path / "none.json", live_dir=None, checkpoint_dir=tmp_path / "c3")
