@@ -137,6 +137,11 @@ class TrainSpec(_Section):
         "attention over packed documents (CUDA). auto: varlen when packing on CUDA, else the model's default (sdpa)"
     )
 
+    speed: Literal["tutorial", "max"] = Field(
+        "tutorial", description="tutorial: train as the recipe's tutorial did; max: the same number of tokens at full "
+        "speed (packed rows, varlen attention, Liger, fused LoRA, memory_budget_gib auto; max_steps rescaled to the "
+        "tutorial's tokens: finetune.training.speed)"
+    )
     memory_budget_gib: float | Literal["auto"] | None = Field(
         None, description="Plan rows per forward (the same rows per optimizer step), checkpoint_layers and offload "
         "at start so the run fits this much memory at the best estimated speed (finetune.training.memory); auto: "

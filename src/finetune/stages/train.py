@@ -23,7 +23,7 @@ from finetune.core.models import load_model, load_tokenizer, reading
 from finetune.core.outputs import atomic_dir, write_json
 from finetune.core.provenance import provenance
 from finetune.core.recipe import Recipe
-from finetune.training import checkpoints, distributed, guards, memory
+from finetune.training import checkpoints, distributed, guards, memory, speed
 from finetune.training.levers import Levers
 from finetune.training.trainer import (
     autocast_inputs,
@@ -90,15 +90,19 @@ def train(recipe: Recipe, data_dir: str | Path, adapter_dir: str | Path, metrics
     one subfolder per params+data hash; a rerun with the same ones resumes from the newest intact
     checkpoint (see :mod:`finetune.training.checkpoints`).
     """
+    tutorial, recipe = recipe, speed.resolve(recipe)  # train.speed: max sets its levers here
     plan = TrainPlan.resolve(recipe, data_dir, adapter_dir, live_dir, checkpoint_dir)
     splits, tokenizer, model = _setup(recipe, plan)
     recipe, memory_plan = _fit(recipe, plan, model)
     with checkpoints.removed_on_success(plan.run_dir):  # the run folder outlives a kill or an error
         run = _build(recipe, plan, model, tokenizer, splits, list(callbacks or []))
+        matched = speed.match_tokens(run.trainer, tutorial)  # max: the steps that hold the tutorial's tokens
         if trainer_hook is not None:
             trainer_hook(run.trainer)
         result, seconds, eval_loss = _run(recipe, plan, run, "eval" in splits)
         metrics = _quality(recipe, plan, run, result.training_loss, eval_loss, splits, tokenizer)
+        if matched:
+            metrics["speed_max"] = matched
         peak = _save(recipe, plan, run.trainer, tokenizer)
     tokens = metrics["tokens_seen"]
     timing = {
