@@ -311,6 +311,9 @@ CASES = [
          params={"train": {"memory_budget_gib": 0.001}}),
     Case("memory-budget-not-a-size", TRAIN, r"train.memory_budget_gib is -2.0; give a size in GiB above 0",
          params={"train": {"memory_budget_gib": -2}}),
+    Case("offload-without-checkpointing", TRAIN, r"train.offload_activations is true but "
+         r"train.gradient_checkpointing is false.*; set gradient_checkpointing: true or offload_activations: false",
+         params={"train": {"offload_activations": True}}),
     # merge, quantize, eval, heldout
     Case("merge-without-adapter", ["merge", "--adapter", "outputs/none"],
          r"outputs/none/adapter_config.json: missing; run the train stage first"),

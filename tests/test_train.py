@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import recipe_dict, saved_bytes
+from conftest import adapter_tensors, recipe_dict, saved_bytes
 from finetune.core.outputs import write_jsonl
 from finetune.core.recipe import Recipe
 
@@ -183,6 +183,54 @@ def test_checkpoint_layers_needs_checkpointing(tiny_llama, prepared, tmp_path):
     recipe = tiny_recipe(tiny_llama, gradient_checkpointing=True, checkpoint_layers=3)
     with pytest.raises(FinetuneError, match="checkpoint_layers is 3 but the model has 2 decoder layers"):
         train(recipe, prepared, tmp_path / "a", tmp_path / "m.json", live_dir=None)
+
+
+def _steps(recipe, data: Path, tmp_path, name: str, callbacks: list | None = None) -> tuple:
+    """Train; return the trainer (log history, model) and the adapter's tensors."""
+    from finetune.stages.train import train
+
+    kept = []
+    train(recipe, data, tmp_path / name, tmp_path / f"{name}.json", live_dir=None, callbacks=callbacks,
+          checkpoint_dir=tmp_path / f"{name}-ckpt", trainer_hook=kept.append)
+    return kept[0], adapter_tensors(tmp_path / name)
+
+
+def _curve(trainer) -> list[tuple[float, float]]:
+    """(loss, grad norm) of every step."""
+    return [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def test_offload_activations(tiny_llama, prepared, tmp_path, monkeypatch):
+    """offload_activations with 1 of 2 layers checkpointed: only the checkpointed layer's input goes through the
+    hooks (out once a step, back once for its recompute; never for the layer that keeps its activations), and the
+    per-step losses, gradient norms and the adapter equal the plain checkpointed run's bit for bit. On CPU the
+    hooks pass tensors through; COPY_ON_CPU makes them copy to new storage and back, as they do to the host on CUDA."""
+    from finetune.training import offload
+
+    monkeypatch.setattr(offload, "COPY_ON_CPU", True)
+    levers = {"gradient_checkpointing": True, "checkpoint_layers": 1}
+    plain, plain_adapter = _steps(tiny_recipe(tiny_llama, **levers), prepared, tmp_path, "plain")
+    moved, moved_adapter = _steps(tiny_recipe(tiny_llama, **levers, offload_activations=True), prepared, tmp_path,
+                                  "moved")
+    layers = moved.model.get_base_model().model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [False, True]
+    funcs = [layer._gradient_checkpointing_func for layer in layers]
+    assert not isinstance(funcs[0], offload.OffloadedCheckpoint)
+    assert isinstance(funcs[1], offload.OffloadedCheckpoint)
+    assert (funcs[1].offloaded, funcs[1].restored) == (2, 2), "the hidden state, once per step each way"
+    assert len(_curve(moved)) == 2 and _curve(moved) == _curve(plain)
+    assert moved_adapter.keys() == plain_adapter.keys()
+    assert all(torch.equal(moved_adapter[k], plain_adapter[k]) for k in plain_adapter)
+
+
+def test_offload_activations_needs_checkpointing():
+    from pydantic import ValidationError
+
+    from finetune.core.recipe import TrainSpec
+
+    with pytest.raises(ValidationError, match="offload_activations is true but train.gradient_checkpointing is false"):
+        TrainSpec(offload_activations=True)
+    assert TrainSpec(offload_activations=True, gradient_checkpointing=True).offload_activations
 
 
 def test_autocast_inputs_skip_fp32_copies(tiny_llama):

@@ -124,6 +124,12 @@ class TrainSpec(_Section):
         True, description="Add the LoRA update inside the adapter's matmul (finetune.training.fused_lora); "
         "false: PEFT's forward"
     )
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing: the input each checkpointed layer keeps for its recompute "
+        "waits in pinned host memory until backward, copied on a side CUDA stream (finetune.training.offload; "
+        "Unsloth's offloaded checkpointing): 2*hidden bytes per token and layer back in bf16; a no-op on CPU. "
+        "Off until measured on a GPU"
+    )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Eval-loss interval; None: at the end only")
@@ -156,6 +162,10 @@ class TrainSpec(_Section):
         if self.checkpoint_layers is not None and not self.gradient_checkpointing:
             raise ValueError(f"train.checkpoint_layers is {self.checkpoint_layers} but train.gradient_checkpointing "
                              "is false; set gradient_checkpointing: true or checkpoint_layers: null")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("train.offload_activations is true but train.gradient_checkpointing is false (it moves "
+                             "what checkpointed layers keep); set gradient_checkpointing: true or "
+                             "offload_activations: false")
         if self.packing is True and self.group_by_length:
             raise ValueError("train.packing and train.group_by_length are both true: packing already bins rows "
                              "by length; set group_by_length: false")

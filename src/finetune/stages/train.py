@@ -144,7 +144,7 @@ def _fit(recipe: Recipe, plan: TrainPlan, model) -> tuple[Recipe, dict | None]:
     if plan.levers.classify or not memory.decoder_layers(model):
         raise FinetuneError("train.memory_budget_gib plans causal LMs made of decoder layers; set it to null for "
                             f"{recipe.model.id}")
-    offload = "offload_activations" in type(recipe.train).model_fields
+    offload = torch.cuda.is_available()  # on the CPU offloading moves nothing out of the memory budgeted
     spec, chosen = memory.plan(model, recipe, fused_loss=plan.levers.liger, offload=offload)
     return recipe.model_copy(update={"train": spec}), chosen
 

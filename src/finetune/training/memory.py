@@ -20,6 +20,7 @@ none with Liger's fused loss) and the adapter's and optimizer's (from the parame
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -93,7 +94,7 @@ def choose(costs: Costs, budget: int, rows_per_step: int, offload: bool) -> Sett
     fits = [s for s in candidates if need(costs, s) <= usable]
     if not fits:
         least = min(candidates, key=lambda s: need(costs, s))
-        smallest = need(costs, least) / (1 - MARGIN) / GIB
+        smallest = math.ceil(need(costs, least) / (1 - MARGIN) / GIB * 10) / 10  # rounded up: that much fits
         how = f"{least.checkpoint_layers} of {costs.layers} layers recomputed" + (", inputs offloaded"
                                                                                   if least.offload else "")
         raise FinetuneError(
@@ -213,8 +214,7 @@ def plan(model, recipe: Recipe, fused_loss: bool, offload: bool) -> tuple[TrainS
     layers = best.checkpoint_layers
     update = {"batch_size": best.rows, "grad_accum": best.grad_accum, "gradient_checkpointing": layers > 0,
               "checkpoint_layers": layers if 0 < layers < costs.layers else None}
-    if offload:
-        update["offload_activations"] = best.offload
+    update["offload_activations"] = best.offload
     chosen = asdict(best) | {"budget_gib": round(budget / GIB, 2), "predicted_gib": round(need(costs, best) / GIB, 2),
                              "costs_gib": {k: round(v / GIB, 4) for k, v in asdict(costs).items()
                                            if k not in ("layers", "tokens_per_row")}}

@@ -13,7 +13,7 @@ import torch
 from finetune.core.errors import FinetuneError
 from finetune.core.outputs import read_jsonl
 from finetune.core.recipe import Recipe, TrainSpec
-from finetune.training import fused_lora
+from finetune.training import fused_lora, offload
 from finetune.training.levers import Levers
 
 WALL_CLOCK = ("runtime", "_per_second")  # Trainer log keys that measure the machine, not the model
@@ -170,7 +170,8 @@ def dvclive_callback(live_dir: Path | None, resume: bool = False) -> list:
 def model_levers(model, spec: TrainSpec):
     """A callback that sets the levers living on the model's modules once ``Trainer.train`` has set up the
     model (Liger's patches, gradient checkpointing on every layer): the fused LoRA forward
-    (``train.fused_lora``) and checkpointing on only ``train.checkpoint_layers`` decoder layers, spread evenly."""
+    (``train.fused_lora``), checkpointing on only ``train.checkpoint_layers`` decoder layers, spread evenly,
+    and the checkpointed layers' inputs kept in host memory (``train.offload_activations``)."""
     from transformers import TrainerCallback
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -188,6 +189,8 @@ def model_levers(model, spec: TrainSpec):
             if spec.fused_lora:
                 recomputed = [getattr(layer, "mlp", None) for layer in layers if layer.gradient_checkpointing]
                 fused_lora.install(model, keep_mlps=[m for m in recomputed if m is not None])
+            if spec.offload_activations:
+                offload.install(layers)
 
     return ModelLevers()
 
