@@ -113,6 +113,12 @@ def _no_4bit_kernels(root: Path, mp) -> None:
     mp.setattr(bnbf, "quantize_4bit", missing)
 
 
+def _no_cxx(root: Path, mp) -> None:
+    """A CPU machine without the C++ compiler inductor builds its kernels with."""
+    mp.setattr(torch.cuda, "is_available", lambda: False)
+    mp.setenv("CXX", "/nonexistent/g++")
+
+
 def _adapter(corrupt: Callable[[Path], None], manifest_after: bool = False) -> Callable:
     """A real PEFT adapter (with the manifest train writes) in outputs/adapter, then damaged by ``corrupt``
     (``manifest_after``: the manifest is rewritten over the damage, so only loading can notice it)."""
@@ -314,6 +320,9 @@ CASES = [
     Case("offload-without-checkpointing", TRAIN, r"train.offload_activations is true but "
          r"train.gradient_checkpointing is false.*; set gradient_checkpointing: true or offload_activations: false",
          params={"train": {"offload_activations": True}}),
+    Case("compile-without-cxx", TRAIN, r"train.compile: torch.compile on CPU builds its kernels with a C\+\+ compiler "
+         r"and /nonexistent/g\+\+ .*is not on PATH; install g\+\+ or set train.compile: false",
+         params={"train": {"compile": True}}, setup=_no_cxx),
     # merge, quantize, eval, heldout
     Case("merge-without-adapter", ["merge", "--adapter", "outputs/none"],
          r"outputs/none/adapter_config.json: missing; run the train stage first"),

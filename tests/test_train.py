@@ -233,6 +233,58 @@ def test_offload_activations_needs_checkpointing():
     assert TrainSpec(offload_activations=True, gradient_checkpointing=True).offload_activations
 
 
+@pytest.mark.slow
+def test_compile(tiny_llama, tmp_path, monkeypatch):
+    """compile: every decoder layer runs compiled, the one that keeps its activations in place and the checkpointed
+    (and offloaded) one inside its checkpoint, with the fused LoRA forward; the losses, gradient norms and adapter
+    are the eager run's to 1e-4, and batches of other lengths reuse the first step's graphs (dynamic shapes)."""
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
+
+    from finetune.training import offload, regional_compile
+
+    monkeypatch.setattr(offload, "COPY_ON_CPU", True)
+    data = tmp_path / "prepared"  # rows of many lengths, so that every step's batch has another length
+    write_jsonl(data / "train.jsonl", [{"prompt": f"<|im_start|>user\nWhat is {' + '.join(['1'] * k)}?<|im_end|>\n"
+                                                  "<|im_start|>assistant\n", "completion": str(k)}
+                                       for k in range(1, 17)])
+    levers = {"gradient_checkpointing": True, "checkpoint_layers": 1, "offload_activations": True, "max_steps": 3}
+    graphs: list[int] = []
+    lengths: list[int] = []
+
+    class Graphs(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            graphs.append(counters["stats"]["unique_graphs"])
+            assert all(regional_compile.is_compiled(layer) for layer in model.get_base_model().model.layers)
+
+    def hook(trainer):
+        trainer.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]),
+                                                with_kwargs=True)
+
+    eager, eager_adapter = _steps(tiny_recipe(tiny_llama, **levers), data, tmp_path, "eager")
+    before = counters["stats"]["unique_graphs"]
+    try:
+        from finetune.stages.train import train
+
+        kept = []
+        train(tiny_recipe(tiny_llama, **levers, compile=True), data, tmp_path / "compiled", tmp_path / "c.json",
+              live_dir=None, callbacks=[Graphs()], checkpoint_dir=tmp_path / "c-ckpt",
+              trainer_hook=lambda t: (kept.append(t), hook(t)))
+    finally:
+        torch._dynamo.reset()
+    compiled, compiled_adapter = kept[0], adapter_tensors(tmp_path / "compiled")
+    layers = compiled.model.get_base_model().model.layers
+    assert layers[0]._compiled_call_impl is not None, "the layer that keeps its activations: compiled in place"
+    assert isinstance(layers[1]._gradient_checkpointing_func, offload.OffloadedCheckpoint)
+    assert layers[1]._gradient_checkpointing_func.offloaded == 3
+    assert len(set(lengths)) > 1, f"the steps' batches should differ in length: {lengths}"
+    assert graphs[0] > before and graphs[-1] == graphs[0], f"no recompile for new lengths: {before} -> {graphs}"
+    for (loss, norm), (want_loss, want_norm) in zip(_curve(compiled), _curve(eager), strict=True):
+        assert loss == pytest.approx(want_loss, rel=1e-4) and norm == pytest.approx(want_norm, rel=1e-4)
+    for name, want in eager_adapter.items():
+        torch.testing.assert_close(compiled_adapter[name], want, rtol=1e-4, atol=1e-5)
+
+
 def test_autocast_inputs_skip_fp32_copies(tiny_llama):
     """Under bf16 autocast, LoRA layers give the same output without PEFT's fp32 copy of their input, and
     backward keeps fewer bytes (q/k/v and gate/up share one input instead of a copy each); in fp32 the

@@ -130,6 +130,10 @@ class TrainSpec(_Section):
         "Unsloth's offloaded checkpointing): 2*hidden bytes per token and layer back in bf16; a no-op on CPU. "
         "Off until measured on a GPU"
     )
+    compile: bool = Field(
+        False, description="Regional torch.compile: each decoder layer compiled with dynamic shapes, not the whole "
+        "model (finetune.training.regional_compile); on CPU it needs a C++ compiler. Off until measured on a GPU"
+    )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Eval-loss interval; None: at the end only")

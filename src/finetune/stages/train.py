@@ -78,7 +78,7 @@ class Run:
 
 
 def train(recipe: Recipe, data_dir: str | Path, adapter_dir: str | Path, metrics_path: str | Path,
-          live_dir: str | None = "dvclive", timing_path: str | Path | None = None, callbacks: list | None = None,
+          live_dir: str | None = None, timing_path: str | Path | None = None, callbacks: list | None = None,
           checkpoint_dir: str | Path | None = None,
           trainer_hook: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Run the stage; return the metrics written. Quality metrics (deterministic on CPU) go to

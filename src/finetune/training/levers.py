@@ -1,4 +1,4 @@
-"""The train section's levers as this machine runs them: precision, packing, Liger kernels, attention.
+"""The train section's levers as this machine runs them: precision, packing, Liger kernels, attention, compile.
 
 ``auto`` means "what suits the hardware here"; :meth:`Levers.resolve` decides each lever once, and the
 train stage carries the result in its plan, so every later use (the model load, the SFT config, the
@@ -8,6 +8,8 @@ metrics) sees the same choice.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,22 @@ def attention(spec: TrainSpec, packed: bool) -> str | None:
     return spec.attention
 
 
+def check_compile(spec: TrainSpec) -> None:
+    """``train.compile`` needs inductor's toolchain here: Triton on CUDA, a C++ compiler on CPU (``$CXX``, else
+    ``g++``, as inductor looks for it), or the first step would fail deep inside the compiler."""
+    if not spec.compile:
+        return
+    if torch.cuda.is_available():
+        if importlib.util.find_spec("triton") is None:
+            raise FinetuneError("train.compile: torch.compile on CUDA needs Triton (PyTorch's CUDA wheels bring it), "
+                                "which is not installed here; install it or set train.compile: false")
+        return
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise FinetuneError(f"train.compile: torch.compile on CPU builds its kernels with a C++ compiler and {cxx} "
+                            "(from $CXX, else g++) is not on PATH; install g++ or set train.compile: false")
+
+
 @dataclass(frozen=True)
 class Levers:
     """The levers of one run, each resolved once (:meth:`resolve`)."""
@@ -82,6 +100,7 @@ class Levers:
     @classmethod
     def resolve(cls, recipe: Recipe) -> Levers:
         spec = recipe.train
+        check_compile(spec)
         classify = recipe.model.task == "sequence_classification"
         packing = packing_enabled(spec, classify)
         return cls(classify=classify, precision=precision(spec), packing=packing,

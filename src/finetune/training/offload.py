@@ -16,7 +16,8 @@ calling the layer's forward directly, not through the checkpoint function: our h
 call runs, so nothing is offloaded twice; a checkpoint function called during a backward pass anyway (a layer
 recomputed by an outer, reentrant checkpoint) runs without them. Reentrant checkpointing saves the same inputs
 through ``ctx.save_for_backward`` and works the same. Layers that keep their activations (``checkpoint_layers``)
-never call the function, so their activations stay on the GPU.
+never call the function, so their activations stay on the GPU. With ``train.compile`` the function the checkpoint
+runs is the layer's compiled forward (:mod:`finetune.training.regional_compile`); checkpoint and hooks stay eager.
 
 On CUDA the copy out goes to pinned host memory on a side stream, without blocking the host, so it overlaps the
 layer's compute: the side stream first waits for the compute stream (the input must be written), the input is

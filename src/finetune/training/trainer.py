@@ -13,7 +13,7 @@ import torch
 from finetune.core.errors import FinetuneError
 from finetune.core.outputs import read_jsonl
 from finetune.core.recipe import Recipe, TrainSpec
-from finetune.training import fused_lora, offload
+from finetune.training import fused_lora, offload, regional_compile
 from finetune.training.levers import Levers
 
 WALL_CLOCK = ("runtime", "_per_second")  # Trainer log keys that measure the machine, not the model
@@ -171,7 +171,8 @@ def model_levers(model, spec: TrainSpec):
     """A callback that sets the levers living on the model's modules once ``Trainer.train`` has set up the
     model (Liger's patches, gradient checkpointing on every layer): the fused LoRA forward
     (``train.fused_lora``), checkpointing on only ``train.checkpoint_layers`` decoder layers, spread evenly,
-    and the checkpointed layers' inputs kept in host memory (``train.offload_activations``)."""
+    each decoder layer compiled (``train.compile``) and the checkpointed layers' inputs kept in host memory
+    (``train.offload_activations``)."""
     from transformers import TrainerCallback
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -180,6 +181,9 @@ def model_levers(model, spec: TrainSpec):
     if count is not None and count > len(layers):
         raise FinetuneError(f"train.checkpoint_layers is {count} but the model has {len(layers)} decoder layers; "
                             f"set it to at most {len(layers)} (or null: all)")
+    if spec.compile and not layers:
+        raise FinetuneError("train.compile: the model has no decoder layers (transformers' GradientCheckpointingLayer) "
+                            "to compile one by one; set train.compile: false")
 
     class ModelLevers(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -189,6 +193,8 @@ def model_levers(model, spec: TrainSpec):
             if spec.fused_lora:
                 recomputed = [getattr(layer, "mlp", None) for layer in layers if layer.gradient_checkpointing]
                 fused_lora.install(model, keep_mlps=[m for m in recomputed if m is not None])
+            if spec.compile:  # after the flags and the fused forward: a checkpointed layer compiles another way
+                regional_compile.install(layers)
             if spec.offload_activations:
                 offload.install(layers)
 
