@@ -1,4 +1,4 @@
-"""The whole pipeline at 7-8B on one GPU: prepare -> train -> merge -> quantize -> eval -> heldout -> report.
+"""The whole pipeline at 7-8B on one GPU: prepare -> train -> merge -> heldout -> quantize -> eval -> report.
 
 Every stage is what ``dvc repro`` runs: ``dvc repro --single-item <stage>`` in a fresh DVC workspace
 made from this checkout (``dvc.yaml``, ``src/``, ``recipes/``, ``eval/tasks``, ``.dvc/config``: its
@@ -50,7 +50,8 @@ RECIPES = {  # recipe: (model shape, raw data file under the bundle's data/)
     "llama3-alpaca": ("llama3-8b", "alpaca/alpaca_data_1k.json"),
     "llama2-guanaco": ("llama2-7b", "guanaco-llama2-1k/train-00000-of-00001.parquet"),
 }
-STAGES = ["prepare", "train", "merge", "quantize", "eval", "heldout"]
+# heldout (needs merged only) before quantize: it runs while the llama.cpp build beside the stages may still go
+STAGES = ["prepare", "train", "merge", "heldout", "quantize", "eval"]
 PROJECT = ["dvc.yaml", "bin", "src", "recipes", "eval/tasks"]  # bin/project-python: the interpreter dvc.yaml calls
 # --tiny: a 2-layer model 256 wide (llama.cpp's K-quants need 256-wide rows) and a few steps/documents
 TINY_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
