@@ -152,4 +152,14 @@ poll() {
   [ -f "$RES/done" ] && echo "done" || echo "still running"
 }
 
+# bench/train_speed.py's cases on the host: the pack's site and project, data from `train_speed.py prepare` in
+# DIR/tsdata (made here, beside ../shared/data); stops after SECONDS so the rows so far come back
+speed() {  # CASES OUTDIR [SECONDS]
+  mkdir -p /tmp/site "$2" && unpack "$HERE/site.tar.xz" /tmp/site || { echo "unpack failed"; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  cd "$HERE/project" && PYTHONPATH=/tmp/site:$HERE/project/src PYTHONUNBUFFERED=1 timeout "${3:-540}" \
+    "$PY" bench/train_speed.py run --data "$HERE/tsdata" --out "$2/train_speed.jsonl" --cases "$1"
+  echo "rc=$?"
+}
+
 "$@"

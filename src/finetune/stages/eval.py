@@ -22,8 +22,8 @@ import torch
 from finetune import sandbox
 from finetune.benchmarks import humaneval, lmeval
 from finetune.core import gguf_process, inference
-from finetune.core.gguf import ggml_dequantize, read_once
-from finetune.core.models import load_tokenizer, resolve_source
+from finetune.core.gguf import ggml_dequantize
+from finetune.core.models import load_tokenizer, reading, resolve_source
 from finetune.core.outputs import atomic_dir, write_json, write_json_files, write_jsonl
 from finetune.core.provenance import provenance
 from finetune.core.recipe import EvalSpec, Recipe
@@ -84,7 +84,7 @@ def score(recipe: Recipe, plan: EvalPlan, target: Target, tokenizer: Any, sample
     if plan.runs_code:
         entry["sandbox"] = sandbox.isolation()
     seconds, start = {}, time.perf_counter()
-    with read_once():  # a GGUF's header parsed once for the model and lm-eval's tokenizer
+    with reading(target.spec(recipe.model)):  # a GGUF's header parsed once for the model and lm-eval's tokenizer
         model = load_hf(recipe, target)
         seconds["load"] = time.perf_counter() - start
         if spec.tasks:

@@ -24,7 +24,7 @@ from finetune.core.outputs import atomic_dir, write_json
 from finetune.core.provenance import provenance
 from finetune.core.recipe import Recipe
 from finetune.training import checkpoints, distributed, guards, memory, speed
-from finetune.training.levers import Levers
+from finetune.training.levers import Levers, decoder_layers
 from finetune.training.trainer import (
     autocast_inputs,
     build_trainer,
@@ -141,7 +141,7 @@ def _fit(recipe: Recipe, plan: TrainPlan, model) -> tuple[Recipe, dict | None]:
     and what was chosen; the recipe as it is when no budget is set."""
     if recipe.train.memory_budget_gib is None:
         return recipe, None
-    if plan.levers.classify or not memory.decoder_layers(model):
+    if plan.levers.classify or not decoder_layers(model):
         raise FinetuneError("train.memory_budget_gib plans causal LMs made of decoder layers; set it to null for "
                             f"{recipe.model.id}")
     offload = torch.cuda.is_available()  # on the CPU offloading moves nothing out of the memory budgeted

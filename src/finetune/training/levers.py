@@ -18,6 +18,14 @@ from finetune.core.errors import FinetuneError
 from finetune.core.recipe import Recipe, TrainSpec
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers' ``GradientCheckpointingLayer``), in order: what the per-layer
+    levers (checkpoint_layers, compile, offload) and the memory plan work on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def precision(spec: TrainSpec) -> str:
     """Resolve ``auto``: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU."""
     if spec.precision != "auto":

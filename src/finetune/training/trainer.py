@@ -14,7 +14,7 @@ from finetune.core.errors import FinetuneError
 from finetune.core.outputs import read_jsonl
 from finetune.core.recipe import Recipe, TrainSpec
 from finetune.training import fused_lora, offload, regional_compile
-from finetune.training.levers import Levers
+from finetune.training.levers import Levers, decoder_layers
 
 WALL_CLOCK = ("runtime", "_per_second")  # Trainer log keys that measure the machine, not the model
 
@@ -174,9 +174,8 @@ def model_levers(model, spec: TrainSpec):
     each decoder layer compiled (``train.compile``) and the checkpointed layers' inputs kept in host memory
     (``train.offload_activations``)."""
     from transformers import TrainerCallback
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     count = spec.checkpoint_layers
     if count is not None and count > len(layers):
         raise FinetuneError(f"train.checkpoint_layers is {count} but the model has {len(layers)} decoder layers; "
