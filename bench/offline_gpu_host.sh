@@ -66,9 +66,17 @@ pack() {
   # the project: what the pipeline's workspace is made from
   rm -rf "$out/project" && mkdir -p "$out/project"
   (cd "$root" && cp -r --parents dvc.yaml .dvc/config bin src/finetune recipes eval/tasks bench/pipeline_gpu.py \
-    bench/train_speed.py bench/offline_gpu_host.sh "$out/project/")
+    bench/train_speed.py bench/unsloth_peer.py bench/offline_gpu_host.sh "$out/project/")
   find "$out/project" -name __pycache__ -type d -exec rm -rf {} +
   cp "$root/bench/offline_gpu_host.sh" "$out/"
+  # Unsloth's own pins, for train_speed's peer (bench/unsloth_peer.py): a second site, first on its PYTHONPATH
+  rm -rf "$whl"/*.whl "$site" && mkdir -p "$site"
+  grep -v '^#' "$root/bench/unsloth-peer.txt" | xargs "$PY" -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp "${plat[@]}" -d "$whl"
+  "$PY" -m pip install -q --no-deps --no-index --no-compile --target "$site" --python-version 3.12 \
+    --implementation cp "${plat[@]}" --only-binary=:all: "$whl"/*.whl
+  rm -rf "$site/bin" "$site/studio" "$site/unsloth/studio"
+  pack_dir "$site" . "$out/site-unsloth.tar.xz"
   rm -rf "$whl" "$site"
   du -sh "$out"/*
 }
@@ -154,11 +162,14 @@ poll() {
 
 # bench/train_speed.py's cases on the host: the pack's site and project, data from `train_speed.py prepare` in
 # DIR/tsdata (made here, beside ../shared/data); stops after SECONDS so the rows so far come back
+# PEERS=packed,padfree: Unsloth's modes after our cases (DIR/site-unsloth.tar.xz)
 speed() {  # CASES OUTDIR [SECONDS]
-  mkdir -p /tmp/site "$2" && unpack "$HERE/site.tar.xz" /tmp/site || { echo "unpack failed"; exit 1; }
+  mkdir -p /tmp/site /tmp/site-unsloth "$2" && unpack "$HERE/site.tar.xz" /tmp/site || { echo "unpack failed"; exit 1; }
+  [ -z "${PEERS:-}" ] || unpack "$HERE/site-unsloth.tar.xz" /tmp/site-unsloth || { echo "unpack failed"; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   cd "$HERE/project" && PYTHONPATH=/tmp/site:$HERE/project/src PYTHONUNBUFFERED=1 timeout "${3:-540}" \
-    "$PY" bench/train_speed.py run --data "$HERE/tsdata" --out "$2/train_speed.jsonl" --cases "$1"
+    "$PY" bench/train_speed.py run --data "$HERE/tsdata" --out "$2/train_speed.jsonl" --cases "$1" \
+    --peers "${PEERS:-}" --peer-site /tmp/site-unsloth
   echo "rc=$?"
 }
 

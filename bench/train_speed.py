@@ -30,9 +30,12 @@ import argparse
 import gc
 import gzip
 import json
+import os
 import shutil
 import statistics
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -508,6 +511,27 @@ def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> di
     return summary
 
 
+def run_peer(mode: str, data: Path, ckpt: Path, out: Path, args) -> dict | None:
+    """Unsloth in its own process on our Llama-3-8B checkpoint and Alpaca rows; its row goes to ``out``, or the
+    failure's last line does."""
+    build_checkpoint("llama3-8b", data, ckpt, args.layers)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (args.peer_site, os.environ.get("PYTHONPATH"))
+                                                      if p)}
+    cmd = [sys.executable, str(Path(__file__).parent / "unsloth_peer.py"), "--ckpt", str(ckpt), "--data",
+           str(data / "alpaca"), "--mode", mode, "--out", str(out)]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.peer_timeout)
+        failed = done.returncode != 0 and (done.stderr.strip().splitlines() or ["no output"])[-1]
+    except subprocess.TimeoutExpired:
+        failed = f"timed out after {args.peer_timeout} s"
+    if failed:
+        row = {"case": f"unsloth-{mode}", "error": failed[:500], "wall_s": round(time.perf_counter() - start, 1)}
+        append_row(out, row)
+        return row
+    return None
+
+
 def append_row(out: Path, row: dict) -> None:
     with out.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -528,6 +552,10 @@ def main() -> None:
     r.add_argument("--layers", type=int, default=32, help="fewer layers for a smoke run")
     r.add_argument("--steps", type=int, default=0, help="override every case's step count")
     r.add_argument("--ckpt-root", default="/dev/shm/bench-ckpt")
+    r.add_argument("--peers", default="", help="Unsloth's modes to run after our cases (bench/unsloth_peer.py): "
+                   "packed, padfree")
+    r.add_argument("--peer-site", default="", help="the folder with Unsloth's own pins, put first on PYTHONPATH")
+    r.add_argument("--peer-timeout", type=int, default=300)
     args = parser.parse_args()
     if args.cmd == "prepare":
         prepare_data(Path(args.vocab_dir), Path(args.shared), Path(args.out))
@@ -565,6 +593,10 @@ def main() -> None:
         short = {k: row.get(k) for k in ("case", "useful_tok_s", "step_s_median", "tokens_per_step",
                                          "peak_alloc_gib", "mfu", "wall_s", "error")}
         print(json.dumps(short), flush=True)
+    for mode in [m for m in args.peers.split(",") if m]:
+        row = run_peer(mode, data, Path(args.ckpt_root) / f"llama3-8b-{args.layers}", out, args)
+        if row:
+            print(json.dumps(row), flush=True)
     for name in [c for c in args.profile.split(",") if c]:
         ckpt = build_checkpoint(CASES[name][0], data, Path(args.ckpt_root) / f"{CASES[name][0]}-{args.layers}",
                                 args.layers)

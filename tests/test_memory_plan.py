@@ -148,3 +148,4 @@ def test_the_train_stage_runs_the_setting_the_budget_allows(tiny_llama, prepared
     with pytest.raises(FinetuneError, match="even the smallest setting"):
         train(tiny_recipe(tiny_llama, memory_budget_gib=costs.static / GIB), prepared, tmp_path / "none",
               tmp_path / "none.json", live_dir=None, checkpoint_dir=tmp_path / "c3")
+
