@@ -90,8 +90,11 @@ serve: install  ## OpenAI-compatible endpoint on $(HOST):$(PORT) (loopback; --al
 lint: install
 	$(BIN)/ruff check
 
+# pytest-xdist: one worker per core up to 4 (each loads torch; more would trade memory for little); whole files per
+# worker, so a module's fixture (a trained tiny project) is built once. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
