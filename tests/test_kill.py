@@ -34,7 +34,7 @@ STAGES = {  # stage -> (cli args, output paths)
     "heldout": (["heldout"], ["outputs/heldout", "metrics/heldout.json"]),
     "eval": (["eval"], ["eval/metrics", "eval/samples"]),
 }
-TRIALS = {"prepare": 2, "train": 3, "merge": 1, "quantize": 2, "heldout": 1, "eval": 1}  # 10 kills
+TRIALS = {"prepare": 1, "train": 2, "merge": 1, "quantize": 1, "heldout": 1, "eval": 1}  # 7 kills
 TRAIN_STEPS = 8
 
 
@@ -130,7 +130,7 @@ def test_kill_each_stage_at_random_moments(project):
             shutil.rmtree(project / "ref", ignore_errors=True)
             shutil.copytree(project / "outputs/adapter", project / "ref/adapter")
             shutil.copytree(project / "dvclive", project / "ref/live")
-    assert kills >= 10, f"only {kills} runs were killed before they finished"
+    assert kills >= sum(TRIALS.values()), f"only {kills} runs were killed before they finished"
     leftovers = [p for p in project.rglob(".*.tmp-*")] + [p for p in project.rglob(".*.old-*")]
     assert not leftovers, f"temporary siblings left after reruns: {leftovers}"
 
