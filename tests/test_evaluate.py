@@ -57,7 +57,17 @@ def test_report_rows_and_markdown():
                                           "lm_eval": {"results": {"ft_arc_easy": {"acc": 0.3}}},
                                           "humaneval": {"pass@1": 0.1}},
     }
+    metrics["eval/metrics/finetuned.json"] = {  # as at 8B: a group with subtasks, stderr by filter
+        "recipe": "quickstart", "variant": "finetuned",
+        "lm_eval": {"config": {"tasks": ["ft_mmlu", "ft_gsm8k"]},
+                    "results": {"ft_mmlu": {"acc": 0.25, "acc_stderr": 0.004, "n": 14042},
+                                "ft_mmlu_anatomy": {"acc": 0.3, "n": 135},
+                                "ft_gsm8k": {"exact_match_strict_match": 0.01,
+                                             "exact_match_stderr_strict_match": 0.002}}}}
     rows = rows_from("exp-1", metrics)
+    tuned = rows.pop(1)
+    shown = {k for k in tuned if k.startswith("ft_")}
+    assert shown == {"ft_mmlu acc", "ft_mmlu n", "ft_gsm8k exact_match_strict_match"}
     assert [r["model"] for r in rows] == ["base", "gguf-q4_k_m"]
     assert rows[1]["GGUF MiB"] == 100.57 and rows[0]["ft_arc_easy acc"] == 0.25
     assert rows[0]["train s"] is None and rows[1]["train s"] == 10.0  # the base model was not trained

@@ -1,8 +1,9 @@
 """``make eval``: one table across recipes and experiments, from DVC's metrics.
 
-Rows are (experiment, recipe, model variant); columns are every benchmark score found in
-``eval/metrics/<variant>.json``, plus train time, tokens/s, peak memory and GGUF size. Reads
-``dvc exp show --json`` (the workspace and every experiment), writes ``eval/report.md`` and a PNG.
+Rows are (experiment, recipe, model variant); columns are the score of every task the eval asked
+for in ``eval/metrics/<variant>.json`` (a group as its aggregate, no stderr), plus train time,
+tokens/s, peak memory and GGUF size. Reads ``dvc exp show --json`` (the workspace and every
+experiment), writes ``eval/report.md`` and a PNG.
 """
 
 from __future__ import annotations
@@ -54,15 +55,20 @@ def rows_from(label: str, metrics: dict[str, dict]) -> list[dict[str, Any]]:
         variant = entry["variant"]
         row: dict[str, Any] = {"experiment": label, "recipe": entry.get("recipe", "?"), "model": variant,
                                "provenance": entry.get("provenance")}
-        for task, scores in (entry.get("lm_eval") or {}).get("results", {}).items():
+        lm_eval = entry.get("lm_eval") or {}
+        # Only the tasks the eval asked for: a group (MMLU) is one score, not its 57 subjects.
+        asked = lm_eval.get("config", {}).get("tasks")
+        for task, scores in lm_eval.get("results", {}).items():
+            if asked and task not in asked:
+                continue
             for metric, value in scores.items():
-                if isinstance(value, (int, float)) and not metric.endswith("stderr"):
+                if isinstance(value, (int, float)) and "stderr" not in metric:
                     row[f"{task} {metric}"] = value
         if "humaneval" in entry:
             for key, value in entry["humaneval"].items():
                 if key.startswith("pass@"):
                     row[f"humaneval {key}"] = value
-        backend = (entry.get("lm_eval") or {}).get("config", {}).get("backend")
+        backend = lm_eval.get("config", {}).get("backend")
         if backend:
             row["lm-eval backend"] = backend
         tuned = variant != "base"  # training cost belongs to the fine-tuned model and its GGUFs
