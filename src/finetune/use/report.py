@@ -56,8 +56,9 @@ def rows_from(label: str, metrics: dict[str, dict]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"experiment": label, "recipe": entry.get("recipe", "?"), "model": variant,
                                "provenance": entry.get("provenance")}
         lm_eval = entry.get("lm_eval") or {}
+        config = lm_eval.get("config", {})
         # Only the tasks the eval asked for: a group (MMLU) is one score, not its 57 subjects.
-        asked = lm_eval.get("config", {}).get("tasks")
+        asked = config.get("tasks")
         for task, scores in lm_eval.get("results", {}).items():
             if asked and task not in asked:
                 continue
@@ -68,7 +69,7 @@ def rows_from(label: str, metrics: dict[str, dict]) -> list[dict[str, Any]]:
             for key, value in entry["humaneval"].items():
                 if key.startswith("pass@"):
                     row[f"humaneval {key}"] = value
-        backend = lm_eval.get("config", {}).get("backend")
+        backend = config.get("backend")
         if backend:
             row["lm-eval backend"] = backend
         tuned = variant != "base"  # training cost belongs to the fine-tuned model and its GGUFs
