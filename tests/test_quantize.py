@@ -318,6 +318,53 @@ def test_a_sentencepiece_tokenizer_reaches_the_gguf(spm_tokenizer_dir, prepared,
         quantize("spm", spec, lost, prepared, tmp_path / "models-lost", tmp_path / "metrics-lost")
 
 
+def test_text_after_a_special_token_tokenizes_as_llama_cpp_reads_it(spm_tokenizer_dir, tmp_path):
+    """A multi-turn Llama-2 prompt (guanaco's ``</s><s>[INST]``): transformers 5 builds the tokenizer with the
+    word-start mark only at the very start, llama.cpp puts it after every special token, so the f16 check
+    failed at the second turn on the 7B GPU run. Every stage loads through open_tokenizer, which tokenizes
+    as llama.cpp does; the plain transformers-5 tokenizer still fails the check."""
+    from transformers import AutoTokenizer
+
+    from finetune.core import gguf_process
+    from finetune.core.models import open_tokenizer, save_tokenizer
+    from finetune.export import checks
+    from finetune.stages.quantize import quantize
+
+    turns = "<s>[INST] What does def do? [/INST] It defines a function. </s><s>[INST] And return? [/INST]"
+    prepared = tmp_path / "prepared"
+    write_jsonl(prepared / "test.jsonl", [{"prompt": turns, "completion": "x"}] * SPEC.verify_prompts)
+    spec = SPEC.model_copy(update={"types": ["f16"]})
+
+    tokenizer = open_tokenizer(spm_tokenizer_dir)
+    ids = tokenizer(turns)["input_ids"]
+    second = ids.index(2) + 2  # the text after the second turn's <s>
+    assert tokenizer.convert_ids_to_tokens(ids[second]).startswith("\u2581")
+    merged = _spm_llama(tmp_path / "merged", tokenizer, save_tokenizer)
+    assert open_tokenizer(merged)(turns)["input_ids"] == ids  # saved so that a reload builds the same
+    metrics = quantize("spm", spec, merged, prepared, tmp_path / "models", tmp_path / "metrics")
+    assert metrics["f16"]["greedy_matched"] + metrics["f16"]["greedy_ties"] == SPEC.verify_prompts
+
+    plain = AutoTokenizer.from_pretrained(spm_tokenizer_dir)
+    assert not plain.convert_ids_to_tokens(plain(turns)["input_ids"][second]).startswith("\u2581")
+    cpp = gguf_process.call("inspect", {
+        "path": str(tmp_path / "models" / "spm-f16.gguf"), "n_ctx": 256, "threads": 1,
+        "specials": checks.specials(plain), "prompts": [turns], "prompt_ids": [], "max_new": 0, "eos": [2],
+        "stop_check": [], "sequences": [ids[:8]]})
+    assert cpp["prompts"] == [ids]
+    with pytest.raises(FinetuneError, match="prompt 0 tokenizes differently"):
+        checks.check_tokenizer(cpp, plain, [turns], "f16")
+
+
+def test_space_after_specials_leaves_other_tokenizers_alone(tiny_llama_256):
+    from transformers import AutoTokenizer
+
+    from finetune.core.models import open_tokenizer
+
+    text = "<|im_start|>user\nhi<|im_end|>"
+    assert open_tokenizer(tiny_llama_256)(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_llama_256)(
+        text)["input_ids"]
+
+
 def test_the_bench_writes_sentencepiece_models_that_sentencepiece_reads(spm_tokenizer_dir, tmp_path):
     """bench/train_speed.py rebuilds Llama-2's tokenizer.model from llama.cpp's vocabulary GGUF by hand."""
     import sys

@@ -30,6 +30,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 
 from finetune.core import inference
+from finetune.core.models import space_after_specials
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ class FastHFLM(HFLM):
             _ENCODED.clear()
             _ENCODED[key] = {}
         self._encoded = _ENCODED[key]
+
+    def _create_tokenizer(self, *args, **kwargs) -> None:
+        """lm-eval's own load (a model it loads itself), then the rule every stage tokenizes by."""
+        super()._create_tokenizer(*args, **kwargs)
+        space_after_specials(self.tokenizer)
 
     def _fingerprint(self) -> str:
         """What a token id list depends on: the tokenizer's whole definition and lm-eval's BOS handling."""

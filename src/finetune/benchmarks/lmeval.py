@@ -26,6 +26,7 @@ from typing import Any
 
 from finetune.core.errors import FinetuneError
 from finetune.core.gguf import ggml_dequantize
+from finetune.core.models import open_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,6 @@ def _model_args(model_path: str, gguf_file: str | None, dtype: str) -> tuple[dic
 def _lm(model: Any, model_args: dict, settings: dict):
     """lm-eval's ``hf`` model (:class:`~finetune.benchmarks.hflm.FastHFLM`) around a loaded ``model`` with the
     tokenizer lm-eval would load for ``model_args``; ``model`` None: loaded from ``model_args`` as lm-eval does."""
-    import transformers
 
     from finetune.benchmarks.hflm import FastHFLM
 
@@ -185,8 +185,7 @@ def _lm(model: Any, model_args: dict, settings: dict):
     if model is None:
         return FastHFLM.create_from_arg_obj(model_args, batch | {"device": settings["device"]})
     source = {"gguf_file": model_args["gguf_file"]} if model_args.get("gguf_file") else {"use_fast": True}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_args["pretrained"], revision="main",
-                                                           trust_remote_code=False, **source)
+    tokenizer = open_tokenizer(model_args["pretrained"], revision="main", trust_remote_code=False, **source)
     return FastHFLM(pretrained=model, tokenizer=tokenizer, backend="causal", max_length=model_args.get("max_length"),
                     **batch)
 

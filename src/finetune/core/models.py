@@ -122,15 +122,45 @@ def reading(spec: ModelSpec):
     return read_once() if spec.gguf_file else contextlib.nullcontext()
 
 
-def load_tokenizer(spec: ModelSpec):
-    """The tokenizer with a pad token and, when the recipe sets one, its chat template."""
+def space_after_specials(tokenizer):
+    """A SentencePiece tokenizer (Llama-2, Code Llama, Mistral) that puts the word-start mark on the text
+    after every special token, as sentencepiece itself, Meta's reference code and llama.cpp do.
+
+    transformers 5 builds these with ``legacy=False`` (Metaspace ``prepend_scheme="first"``): the mark
+    only at the very start, so the ``</s><s>[INST]`` of a multi-turn Llama-2 prompt gives ``[`` where
+    llama.cpp gives ``▁[``. A GGUF can say only "after every special token" or "never", so a model trained
+    the transformers-5 way reads its own chat format differently once exported (the quantize check
+    stops on it). Set on every load, saved with the tokenizer (``legacy: true``); other tokenizers are
+    returned as they are.
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
+        pre.prepend_scheme = "always"
+        backend.pre_tokenizer = pre  # the getter hands out a copy
+        tokenizer.legacy = True
+        tokenizer.init_kwargs["legacy"] = True  # what save_pretrained writes, so a reload builds the same
+    return tokenizer
+
+
+def open_tokenizer(source: str | Path, **kwargs):
+    """``AutoTokenizer.from_pretrained`` for a folder a stage wrote (or lm-eval's model), with
+    :func:`space_after_specials`: every stage tokenizes as training did and as the GGUF will."""
     from transformers import AutoTokenizer
 
+    return space_after_specials(AutoTokenizer.from_pretrained(source, **kwargs))
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The recipe's tokenizer (:func:`open_tokenizer`) with a pad token and, when the recipe sets one, its
+    chat template."""
     source = resolve_source(spec.id)
     _check_local(spec, source)
     try:
         with reading(spec):
-            tok = AutoTokenizer.from_pretrained(source, **load_kwargs(spec, source))
+            tok = open_tokenizer(source, **load_kwargs(spec, source))
     except Exception as err:  # a broken source in any of the ways transformers reports it
         if (mapped := _load_error(spec, source, err, "tokenizer")) is None:
             raise

@@ -16,7 +16,7 @@ import torch
 
 from finetune.core.errors import FinetuneError
 from finetune.core.inference import eos_ids
-from finetune.core.models import check_adapter, load_adapter, load_model, save_tokenizer, torch_dtype
+from finetune.core.models import check_adapter, load_adapter, load_model, open_tokenizer, save_tokenizer, torch_dtype
 from finetune.core.outputs import atomic_dir, require_free
 from finetune.core.recipe import Recipe
 
@@ -40,13 +40,11 @@ class MergePlan:
 
 def merge(recipe: Recipe, adapter_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run the stage; return a short summary."""
-    from transformers import AutoTokenizer
-
     plan = MergePlan.resolve(recipe, adapter_dir)
     base = load_model(recipe.model, plan.dtype)
     model = load_adapter(base, plan.adapter_dir).merge_and_unload()
     model = model.to(plan.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(plan.adapter_dir)
+    tokenizer = open_tokenizer(plan.adapter_dir)
     if plan.causal:
         gen = model.generation_config
         eos = eos_ids(gen.eos_token_id, tokenizer.eos_token_id)

@@ -34,6 +34,7 @@ from typing import Any
 from finetune.core import inference
 from finetune.core.errors import FinetuneError
 from finetune.core.gguf import gguf_name
+from finetune.core.models import open_tokenizer
 from finetune.core.outputs import atomic_dir, read_jsonl, require_free, write_json, write_json_files
 from finetune.core.recipe import QuantizeSpec
 from finetune.export import checks, convert
@@ -74,8 +75,6 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
 
     ``system_prompt`` (the recipe's data.system_prompt) is the Modelfiles' SYSTEM.
     """
-    from transformers import AutoTokenizer
-
     from finetune.use.handoff import write_handoff
 
     merged_dir = Path(merged_dir)
@@ -88,7 +87,7 @@ def quantize(name: str, spec: QuantizeSpec, merged_dir: str | Path, data_dir: st
             write_json(mtmp / "skipped.json", note)
         return note
     plan = QuantizePlan.resolve(name, spec, data_dir)
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = open_tokenizer(merged_dir)
     require_free(out_dir, convert.disk_needed(merged_dir, list(spec.types)), f"GGUF {', '.join(spec.types)}")
     # float32 sums in llama.cpp's cuBLAS products too (the module docstring says why); the CPU build ignores it
     os.environ.setdefault("GGML_CUDA_CUBLAS_COMPUTE_TYPE", "f32")

@@ -140,10 +140,10 @@ def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 
         return LlamaBackend(open_gguf(target.path, ctx, threads))
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from finetune.core.inference import dtype as _dtype
-    from finetune.core.models import check_adapter, load_adapter, load_model, load_tokenizer, reading
+    from finetune.core.models import check_adapter, load_adapter, load_model, load_tokenizer, open_tokenizer, reading
 
     if threads:
         torch.set_num_threads(threads)
@@ -156,11 +156,11 @@ def load(target: Target, recipe: Recipe, threads: int | None = None, ctx: int = 
     elif target.kind == "adapter":
         check_adapter(target.path, required=target.name == "adapter")  # the pipeline's own has a manifest
         base_spec = _adapter_base(recipe.model, target.path)
-        tokenizer = (AutoTokenizer.from_pretrained(target.path) if (target.path / "tokenizer_config.json").is_file()
+        tokenizer = (open_tokenizer(target.path) if (target.path / "tokenizer_config.json").is_file()
                      else load_tokenizer(base_spec))
         model = load_adapter(load_model(base_spec, _dtype()), target.path)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(target.path)
+        tokenizer = open_tokenizer(target.path)
         model = AutoModelForCausalLM.from_pretrained(target.path, dtype=_dtype())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

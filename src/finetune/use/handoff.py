@@ -256,9 +256,9 @@ def lmstudio_note(name: str, gguf_names: list[str]) -> str:
 def write_handoff(out_dir: Path, name: str, gguf_names: list[str], model_dir: Path,
                   system_prompt: str | None = None) -> dict[str, Any]:
     """Write ``<file>.Modelfile`` for each GGUF and ``README.md`` into ``out_dir``; return a summary."""
-    from transformers import AutoTokenizer
+    from finetune.core.models import open_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = open_tokenizer(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     gen_path = model_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
