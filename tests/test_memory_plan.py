@@ -149,3 +149,23 @@ def test_the_train_stage_runs_the_setting_the_budget_allows(tiny_llama, prepared
         train(tiny_recipe(tiny_llama, memory_budget_gib=costs.static / GIB), prepared, tmp_path / "none",
               tmp_path / "none.json", live_dir=None, checkpoint_dir=tmp_path / "c3")
 
+
+
+# the refitted planner run as planned at each budget on one H200 (docs/speed.md's budget table)
+BUDGETS = Path(__file__).parents[1] / "bench" / "train_speed.h200-s7-budget.jsonl"
+
+
+def test_the_budget_table_is_what_the_planner_chooses_and_each_choice_fitted():
+    """Each planned row's choice is what :func:`choose` makes now from the costs that row measured (a planner
+    change that would choose otherwise leaves the published table stale), and its measured peak fitted."""
+    planned = [r for r in map(json.loads, BUDGETS.read_text().splitlines()) if r.get("memory_plan")]
+    assert sorted(r["memory_plan"]["budget_gib"] for r in planned) == [8, 16, 24, 40, 80, 140]
+    for row in planned:
+        plan, c = row["memory_plan"], row["memory_plan"]["costs_gib"]
+        costs = Costs(static=round(c["static"] * GIB), kept_per_row=round(c["kept_per_row"] * GIB),
+                      input_per_row=round(c["input_per_row"] * GIB), loss_per_row=round(c["loss_per_row"] * GIB),
+                      layers=32, tokens_per_row=2048)
+        chosen = choose(costs, int(plan["budget_gib"] * GIB), 4, offload=True)
+        assert chosen == Setting(plan["rows"], plan["grad_accum"], plan["checkpoint_layers"], plan["offload"]), row
+        assert row["peak_alloc_gib"] <= plan["budget_gib"]
+        assert need(costs, chosen) / GIB == pytest.approx(plan["predicted_gib"], abs=0.02)
