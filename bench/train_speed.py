@@ -27,6 +27,7 @@ backward twice the forward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import gzip
 import json
@@ -37,6 +38,7 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 SHAPES = {  # the published configs' shapes
@@ -112,6 +114,10 @@ CASES = {
                                         {"attention": "varlen", "gradient_checkpointing": True,
                                          "offload_activations": True, "batch_size": 8}, 10),
     "l3-alpaca-qlora-compile": ("llama3-8b", "alpaca", QLORA, {"attention": "varlen", "compile": True}, 10),
+    # fifth session: which lever the compiled layer fails with (Liger's kernels, or varlen attention)
+    "l3-alpaca-qlora-compile-noliger": ("llama3-8b", "alpaca", QLORA,
+                                        {"attention": "varlen", "compile": True, "liger": "off"}, 10),
+    "l3-alpaca-qlora-compile-sdpa": ("llama3-8b", "alpaca", QLORA, {"attention": "sdpa", "compile": True}, 10),
     **{f"l3-alpaca-qlora-budget{b}": ("llama3-8b", "alpaca", QLORA, {"attention": "varlen", "memory_budget_gib": b}, 10)
        for b in (8, 16, 24, 40, 80, 140)},
     # loss curves on identical batches (random order, batch 4, seed 3407): tutorial levers vs ours
@@ -336,6 +342,9 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float, 
                     callbacks=[timer, *(callbacks or [])], trainer_hook=lambda trainer: holder.update(trainer=trainer))
     trainer = holder["trainer"]
     fpt, counts = flops_per_token(trainer.model, doc_lengths(data / dataset, trainer.processing_class))
+    kernels = liger_modules(trainer.model)
+    if bool(kernels) != metrics["liger"]:  # what ran must be what the row says ran
+        raise RuntimeError(f"{name}: liger {metrics['liger']} but {kernels} Liger modules in the model")
     timed = timer.steps[WARMUP:]
     seconds = sum(s["seconds"] for s in timed)
     tokens = sum(s["tokens"] for s in timed)
@@ -348,6 +357,7 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float, 
     return {
         "case": name, "shape": shape, "dataset": dataset, "quant": quant["mode"],
         "train": recipe.train.model_dump(), "packing": metrics["packing"], "liger": metrics["liger"],
+        "liger_modules": kernels,
         "attention": metrics.get("attention"),
         "steps": len(timer.steps), "timed_steps": len(timed),
         "useful_tok_s": round(tok_s, 1),
@@ -404,6 +414,29 @@ def check_varlen() -> dict:
             "max_rel_loss_diff_sdpa_packed_vs_separate": float(((dense - want).abs() / want).max()),
             "grad_rel_diff": float((grad_got - grad_want).norm() / grad_want.norm()),
             "grad_rel_diff_sdpa_packed": float((grad_dense - grad_want).norm() / grad_want.norm())}
+
+
+@contextlib.contextmanager
+def llama_module_restored():
+    """Undo, on leaving, what Liger's ``apply_liger_kernel_to_llama`` did to transformers' Llama module: besides the
+    model it is given, it swaps the module's RMSNorm, MLP and rotary function for its own, so every model built
+    later in this process carried Liger's kernels, the cases with ``liger: off`` too (the tutorial rows of the
+    s3 runs, which ran after check_fused)."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    try:
+        yield
+    finally:
+        for name in set(vars(modeling_llama)) - set(saved):
+            delattr(modeling_llama, name)
+        for name, value in saved.items():
+            setattr(modeling_llama, name, value)
+
+
+def liger_modules(model) -> int:
+    """How many of the model's modules are Liger's (0 when a case runs with ``liger: off``)."""
+    return sum(type(m).__name__.startswith("Liger") for m in model.modules())
 
 
 def check_fused() -> dict:
@@ -572,7 +605,8 @@ def main() -> None:
     checks = [check_fused] + [check_varlen] * any(CASES[c][3].get("attention") == "varlen"
                                                   for c in args.cases.split(",") if c)
     for check in checks:
-        row = check()
+        with llama_module_restored():
+            row = check()
         append_row(out, row)
         print(json.dumps(row), flush=True)
     names = [c for c in args.cases.split(",") if c]
@@ -585,7 +619,8 @@ def main() -> None:
         try:
             row = run_case(name, data, ckpt, work, peak, steps=args.steps or None)
         except Exception as err:  # noqa: BLE001 -- record the failure, go on with the next case
-            row = {"case": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            row = {"case": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                   "trace": "".join(traceback.format_exception(err))[-3000:]}  # where it failed, for the next fix
             torch.cuda.empty_cache()
         row |= {"layers": args.layers, "wall_s": round(time.perf_counter() - start, 1),
                 "gpu": torch.cuda.get_device_name(0)}

@@ -55,6 +55,19 @@ def test_levers_resolve_on_cpu():
     assert attention(TrainSpec(attention="flex_attention"), packed=False) == "flex_attention"
 
 
+def test_compiled_layers_train_without_liger(monkeypatch):
+    """Liger's RMSNorm cannot be traced inside a compiled decoder layer (the H200 run's failure): with
+    train.compile, ``auto`` resolves off where Liger would otherwise be on, and ``on`` is one clear line."""
+    from finetune.training import levers
+
+    monkeypatch.setattr(levers.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(levers.importlib.util, "find_spec", lambda name: object())  # as if liger-kernel were there
+    assert liger_enabled(TrainSpec()) is True
+    assert liger_enabled(TrainSpec(compile=True)) is False
+    with pytest.raises(FinetuneError, match="train.liger: on with train.compile: true"):
+        liger_enabled(TrainSpec(liger="on", compile=True))
+
+
 def test_levers_are_resolved_once_into_the_plan():
     from conftest import recipe_dict
     from finetune.core.recipe import Recipe

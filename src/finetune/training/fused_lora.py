@@ -68,7 +68,9 @@ class _SwiGLULoraA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor):
-        liger = _liger_swiglu() if gate.is_cuda else None
+        # inside a compiled layer (train.compile) Inductor fuses silu * up itself, and fails on Liger's own Triton
+        # kernel (its post-grad pass over user Triton kernels: bench/train_speed.h200-s7-compile-2.jsonl)
+        liger = _liger_swiglu() if gate.is_cuda and not torch.compiler.is_compiling() else None
         with torch.autocast(gate.device.type, enabled=False):
             product = liger[0](gate, up)[2] if liger else torch.nn.functional.silu(gate) * up
             h = product @ a.to(product.dtype).t()

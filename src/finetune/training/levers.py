@@ -45,8 +45,16 @@ def packing_enabled(spec: TrainSpec, classify: bool = False) -> bool:
 
 
 def liger_enabled(spec: TrainSpec) -> bool:
-    """Resolve ``train.liger``: ``auto`` is on when CUDA is there and liger-kernel imports."""
+    """Resolve ``train.liger``: ``auto`` is on when CUDA is there and liger-kernel imports, and the decoder layers
+    are not compiled: dynamo cannot trace Liger's RMSNorm (an autograd Function) inside a compiled layer, and
+    Inductor fuses the norm, RoPE and SwiGLU there itself (bench/train_speed.h200-s7-compile.jsonl). The loss is
+    TRL's fused LM head either way."""
     if spec.liger == "off":
+        return False
+    if spec.compile:
+        if spec.liger == "on":
+            raise FinetuneError("train.liger: on with train.compile: true: Liger's kernels cannot run inside the "
+                                "compiled decoder layers; set train.liger: auto (off when compiling) or compile: false")
         return False
     available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
     if spec.liger == "on" and not available:

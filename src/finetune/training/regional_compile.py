@@ -18,7 +18,9 @@ How, per decoder layer (transformers' ``GradientCheckpointingLayer``):
 
 The fused LoRA forward (``fused_lora``) is installed before and is traced like any other module code. In eval mode
 transformers skips the checkpoint and calls a checkpointed layer's forward directly: that layer runs eager there.
-Not run yet on a GPU, with Liger's kernels (CUDA only) or under FSDP.
+With Liger's kernels inside the layers it failed on an H200 (dynamo cannot trace Liger's RMSNorm; Inductor fails on
+its SwiGLU kernel), so compiling turns Liger off (:func:`finetune.training.levers.liger_enabled`) and the fused LoRA
+uses plain ``silu * up`` under the compiler. Not run on a GPU since, nor under FSDP.
 On CPU, inductor builds its kernels with a C++ compiler (``$CXX``, else ``g++``): checked at plan time
 (:func:`finetune.training.levers.check_compile`).
 """
