@@ -18,8 +18,7 @@ from finetune.training.levers import decoder_layers
 from finetune.training.memory import GIB, Costs, Setting, choose, need
 from test_train import prepared, tiny_recipe  # noqa: F401 -- the train tests' tiny recipe and rows (a fixture)
 
-COSTS = Costs(static=6 * GIB, kept_per_row=GIB // 4, input_per_row=GIB // 256, loss_per_row=GIB // 2, layers=32,
-              tokens_per_row=2048)
+COSTS = Costs(static=6 * GIB, kept_per_row=GIB // 4, input_per_row=GIB // 256, layers=32, tokens_per_row=2048)
 
 
 def test_larger_budgets_choose_settings_that_fit_and_are_no_slower():
@@ -58,7 +57,7 @@ def _h200_costs() -> Costs:
     row = next(r for r in map(json.loads, H200.read_text().splitlines()) if r.get("memory_plan"))
     c = row["memory_plan"]["costs_gib"]
     return Costs(static=int(c["static"] * GIB), kept_per_row=int(c["kept_per_row"] * GIB * memory.KEPT_SCALE),
-                 input_per_row=int(c["input_per_row"] * GIB), loss_per_row=0, layers=32, tokens_per_row=2048)
+                 input_per_row=int(c["input_per_row"] * GIB), layers=32, tokens_per_row=2048)
 
 
 def test_the_speed_model_orders_the_measured_settings_as_the_h200_did():
@@ -121,7 +120,7 @@ def _costs_of(recipe) -> Costs:
     from finetune.core.models import load_model
 
     model = load_model(recipe.model, torch.float32)
-    return memory.measure(model, recipe, fused_loss=False)
+    return memory.measure(model, recipe)
 
 
 def test_the_train_stage_runs_the_setting_the_budget_allows(tiny_llama, prepared, tmp_path):  # noqa: F811
@@ -163,8 +162,7 @@ def test_the_budget_table_is_what_the_planner_chooses_and_each_choice_fitted():
     for row in planned:
         plan, c = row["memory_plan"], row["memory_plan"]["costs_gib"]
         costs = Costs(static=round(c["static"] * GIB), kept_per_row=round(c["kept_per_row"] * GIB),
-                      input_per_row=round(c["input_per_row"] * GIB), loss_per_row=round(c["loss_per_row"] * GIB),
-                      layers=32, tokens_per_row=2048)
+                      input_per_row=round(c["input_per_row"] * GIB), layers=32, tokens_per_row=2048)
         chosen = choose(costs, int(plan["budget_gib"] * GIB), 4, offload=True)
         assert chosen == Setting(plan["rows"], plan["grad_accum"], plan["checkpoint_layers"], plan["offload"]), row
         assert row["peak_alloc_gib"] <= plan["budget_gib"]

@@ -145,7 +145,7 @@ def _fit(recipe: Recipe, plan: TrainPlan, model) -> tuple[Recipe, dict | None]:
         raise FinetuneError("train.memory_budget_gib plans causal LMs made of decoder layers; set it to null for "
                             f"{recipe.model.id}")
     offload = torch.cuda.is_available()  # on the CPU offloading moves nothing out of the memory budgeted
-    spec, chosen = memory.plan(model, recipe, fused_loss=plan.levers.liger, offload=offload)
+    spec, chosen = memory.plan(model, recipe, offload=offload)
     return recipe.model_copy(update={"train": spec}), chosen
 
 

@@ -15,8 +15,9 @@ The speed model and the correction to the counted bytes are fitted to one H200 r
 2048, varlen attention, Liger): time per token is the recomputed share (RECOMPUTE with every layer
 recomputed, OFFLOAD more with inputs offloaded) plus a fixed cost per forward (FORWARD_TOKENS tokens' worth:
 kernel launches, an underfilled GPU), within 3% of the eight measured settings there. The byte counts are
-measured, except the loss's (the logits and their float32 copies: ``vocab x LOSS_BYTES`` per token, none
-with Liger's fused loss) and the adapter's and optimizer's (from the parameter counts).
+measured, except the adapter's and optimizer's (from the parameter counts). The loss adds nothing per row:
+TRL's SFTTrainer scores through its fused LM head (``add_fused_lm_head``: tiles, never the whole logits), with
+Liger or without, and a classifier's logits are a few labels wide.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ FORWARD_TOKENS = 6250  # fixed cost of one forward in tokens of full-speed work 
 # row measured (4 vs 2 rows, nothing recomputed) against 32 x 0.2034 counted; the rest (LoRA's dropout and
 # low-rank products, Liger's kernels' own saves) is not seen by the hooks at plan time, before the adapter
 KEPT_SCALE = 1.185
-LOSS_BYTES = 14  # per token and vocabulary entry: logits (2), their float32 copy (4) and its gradient (4), softmax (4)
 MARGIN = 0.05  # of the budget, for the allocator's fragmentation and kernels' workspaces
 AUTO_RESERVE_GIB = 1.0  # ``auto``: the GPU's free memory minus this (CUDA context, other processes' growth)
 OPTIMIZER_BYTES = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2, "sgd": 0}  # per trainable param
@@ -58,7 +58,6 @@ class Costs:
     static: int  # weights and buffers in memory now + the adapter, its gradients and optimizer states
     kept_per_row: int  # activations one decoder layer keeps for backward, one row of max_length tokens
     input_per_row: int  # what a recomputed layer keeps instead: its input hidden states
-    loss_per_row: int  # the loss's logits and their float32 copies, one row
     layers: int
     tokens_per_row: int
 
@@ -73,11 +72,11 @@ class Setting:
 
 def need(costs: Costs, s: Setting) -> int:
     """Peak bytes of setting ``s``: the static part, every layer's kept activations (the inputs of recomputed
-    ones, none if offloaded), one recomputed layer's activations during its backward, and the loss."""
+    ones, none if offloaded) and one recomputed layer's activations during its backward."""
     kept = (costs.layers - s.checkpoint_layers) * costs.kept_per_row
     recomputed = s.checkpoint_layers * (0 if s.offload else costs.input_per_row)
     redo = costs.kept_per_row if s.checkpoint_layers else 0
-    return costs.static + s.rows * (kept + recomputed + redo + costs.loss_per_row)
+    return costs.static + s.rows * (kept + recomputed + redo)
 
 
 def time_per_token(costs: Costs, s: Setting) -> float:
@@ -183,15 +182,14 @@ def resident_bytes(model) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def measure(model, recipe: Recipe, fused_loss: bool) -> Costs:
+def measure(model, recipe: Recipe) -> Costs:
     """The costs of ``model`` (loaded, before the adapter) at ``train.max_length`` tokens per row."""
     spec = recipe.train
     counted, inputs = layer_bytes(model, spec.max_length)
     kept = int(counted * KEPT_SCALE)
     lora = adapter_params(model, recipe)
     static = resident_bytes(model) + lora * (4 + 4 + OPTIMIZER_BYTES.get(spec.optimizer, DEFAULT_OPTIMIZER_BYTES))
-    loss = 0 if fused_loss else spec.max_length * model.config.vocab_size * LOSS_BYTES
-    return Costs(static=static, kept_per_row=kept, input_per_row=inputs, loss_per_row=loss,
+    return Costs(static=static, kept_per_row=kept, input_per_row=inputs,
                  layers=len(decoder_layers(model)), tokens_per_row=spec.max_length)
 
 
@@ -205,13 +203,13 @@ def budget_bytes(value: float | str) -> int | None:
     return int(float(value) * GIB)
 
 
-def plan(model, recipe: Recipe, fused_loss: bool, offload: bool) -> tuple[TrainSpec, dict | None]:
+def plan(model, recipe: Recipe, offload: bool) -> tuple[TrainSpec, dict | None]:
     """``recipe.train`` with the fastest setting that fits ``train.memory_budget_gib`` (as written when that is
     null, or ``auto`` without a GPU), and what was chosen (None when nothing was planned)."""
     spec = recipe.train
     if spec.memory_budget_gib is None or (budget := budget_bytes(spec.memory_budget_gib)) is None:
         return spec, None
-    costs = measure(model, recipe, fused_loss)
+    costs = measure(model, recipe)
     best = choose(costs, budget, spec.batch_size * spec.grad_accum, offload)
     layers = best.checkpoint_layers
     update = {"batch_size": best.rows, "grad_accum": best.grad_accum, "gradient_checkpointing": layers > 0,
