@@ -280,15 +280,40 @@ def check(case: str, result: str, t: Target) -> None:
     assert runner_processes() == [], (case, runner_processes())
 
 
+def _parent(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "0"))
+
+
+def _ancestors(pid: int) -> set[int]:
+    out: set[int] = set()
+    while (pid := _parent(pid)) > 1 and pid not in out:
+        out.add(pid)
+    return out
+
+
+def _other_workers() -> set[int]:
+    """The other pytest-xdist workers (this worker's siblings), whose tests run sandboxes of their own."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return set()
+    me, master = os.getpid(), os.getppid()
+    return {int(p) for p in filter(str.isdigit, os.listdir("/proc")) if int(p) != me and _parent(int(p)) == master}
+
+
 def runner_processes() -> list[str]:
-    """Host processes that are (forks of) a sandbox runner: none may outlive its run."""
-    found = []
+    """Host processes that are (forks of) a sandbox runner: none may outlive its run. A runner below another
+    xdist worker belongs to that worker's test, which is still running it, and is left out; one below no
+    worker (escaped, re-parented to init) is listed, whoever started it."""
+    found, others = [], _other_workers()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"runner.py" in cmdline and b"pycache_prefix" in cmdline:
+        if b"runner.py" in cmdline and b"pycache_prefix" in cmdline and not _ancestors(int(pid)) & others:
             shown = cmdline.replace(b"\0", b" ")[:120]
             found.append(f"{pid}: {shown!r}")
     return found
