@@ -163,13 +163,14 @@ poll() {
 # bench/train_speed.py's cases on the host: the pack's site and project, data from `train_speed.py prepare` in
 # DIR/tsdata (made here, beside ../shared/data); stops after SECONDS so the rows so far come back
 # PEERS=packed,padfree: Unsloth's modes after our cases (DIR/site-unsloth.tar.xz)
+# CONTEXT=L1,L2: the longest-context probe at those lengths (with PEERS=packed: Unsloth too), CONTEXT_STEPS per length
 speed() {  # CASES OUTDIR [SECONDS]
   mkdir -p /tmp/site /tmp/site-unsloth "$2" && unpack "$HERE/site.tar.xz" /tmp/site || { echo "unpack failed"; exit 1; }
   [ -z "${PEERS:-}" ] || unpack "$HERE/site-unsloth.tar.xz" /tmp/site-unsloth || { echo "unpack failed"; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   cd "$HERE/project" && PYTHONPATH=/tmp/site:$HERE/project/src PYTHONUNBUFFERED=1 timeout "${3:-540}" \
     "$PY" bench/train_speed.py run --data "$HERE/tsdata" --out "$2/train_speed.jsonl" --cases "$1" \
-    --peers "${PEERS:-}" --peer-site /tmp/site-unsloth
+    --peers "${PEERS:-}" --peer-site /tmp/site-unsloth --context "${CONTEXT:-}" --context-steps "${CONTEXT_STEPS:-2}"
   echo "rc=$?"
 }
 

@@ -10,6 +10,8 @@ counts its non-pad input tokens.
     python bench/train_speed.py prepare --vocab-dir DIR_WITH_ggml-vocab-llama-*.gguf --out .dev7/data
     # GPU host
     python bench/train_speed.py run --data .dev7/data --out train_speed.jsonl [--cases a,b] [--layers 32]
+    # the longest context at batch 1, ours then Unsloth's, each up to its first failure
+    python bench/train_speed.py run --data .dev7/data --out ctx.jsonl --cases "" --context 16384,65536 --peers packed
 
 Per case one JSON line: useful tok/s (non-pad tokens / time, steps after the warm-up), median step
 time, peak GPU memory (allocated, and reserved by the caching allocator), MFU against the bf16
@@ -125,6 +127,11 @@ CASES = {
     "curve-ours": ("llama3-8b", "alpaca", QLORA, {"packing": False, "optimizer": "adamw_torch_fused"}, 50),
 }
 WARMUP = 3
+# the longest context at batch 1 (issue 19): one document of L tokens a step (``run --context L1,L2``), every layer
+# recomputed from its input offloaded to host memory (Unsloth's setting for long rows), beside Unsloth's offloaded
+# checkpointing on the same text (``--peers packed``)
+CONTEXT = {"batch_size": 1, "grad_accum": 1, "packing": True, "attention": "varlen",
+           "gradient_checkpointing": True, "offload_activations": True}
 
 
 # ------------------------------------------------------------------------------------------
@@ -319,9 +326,32 @@ def flops_per_token(model, lengths: list[int]) -> tuple[float, dict]:
     return 4 * frozen + 6 * lora + 3 * attn, {"n_frozen": frozen, "n_lora": lora, "mean_ctx": round(mean_ctx, 1)}
 
 
+def context_case(data: Path, tokenizer, length: int) -> str:
+    """Register case ``ctx-<length>`` and write its dataset: two documents of ``length`` + 256 tokens (the Alpaca
+    rows end to end, repeated) that both sides cut to ``length`` -- ours trains on the first, Unsloth's packed
+    stream starts with it."""
+    from finetune.core.outputs import read_jsonl
+
+    name = f"ctx{length}"
+    out = data / name
+    if not (out / "train.jsonl").is_file():
+        text = "".join(r["prompt"] + r["completion"] + "\n\n" for r in read_jsonl(data / "alpaca" / "train.jsonl"))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (ids * ((length + 256) // len(ids) + 1))[:length + 256]
+        row = json.dumps({"prompt": "Continue the text.\n\n", "completion": tokenizer.decode(ids)})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.jsonl").write_text(f"{row}\n{row}\n")
+        for split in ("eval", "test"):
+            (out / f"{split}.jsonl").write_text("")
+    DATASETS[name] = ("llama3-alpaca", None, "bpe")
+    CASES[f"ctx-{length}"] = ("llama3-8b", name, QLORA, CONTEXT | {"max_length": length}, 2)
+    return f"ctx-{length}"
+
+
 def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float, steps: int | None = None,
-             callbacks: list | None = None) -> dict:
-    """One case through the train stage; ``steps`` instead of the case's own, ``callbacks``: more Trainer callbacks."""
+             callbacks: list | None = None, warmup: int = WARMUP) -> dict:
+    """One case through the train stage; ``steps`` instead of the case's own, ``callbacks``: more Trainer callbacks,
+    ``warmup``: steps left out of the timing."""
     import torch
 
     from finetune.core.recipe import Recipe, read_yaml
@@ -345,7 +375,7 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float, 
     kernels = liger_modules(trainer.model)
     if bool(kernels) != metrics["liger"]:  # what ran must be what the row says ran
         raise RuntimeError(f"{name}: liger {metrics['liger']} but {kernels} Liger modules in the model")
-    timed = timer.steps[WARMUP:]
+    timed = timer.steps[warmup:]
     seconds = sum(s["seconds"] for s in timed)
     tokens = sum(s["tokens"] for s in timed)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -435,8 +465,10 @@ def llama_module_restored():
 
 
 def liger_modules(model) -> int:
-    """How many of the model's modules are Liger's (0 when a case runs with ``liger: off``)."""
-    return sum(type(m).__name__.startswith("Liger") for m in model.modules())
+    """How many of the model's modules are Liger's (0 when a case runs with ``liger: off``): by the name a module
+    reports, since the Trainer's Liger patch (``_apply_liger_kernel_to_instance``) keeps each module's class and
+    rebinds its ``forward`` and ``_get_name``; the module-wide patch swaps the classes, whose names say it too."""
+    return sum(m._get_name().startswith("Liger") for m in model.modules())
 
 
 def check_fused() -> dict:
@@ -544,14 +576,16 @@ def profile_case(name: str, data: Path, ckpt: Path, work: Path, out: Path) -> di
     return summary
 
 
-def run_peer(mode: str, data: Path, ckpt: Path, out: Path, args) -> dict | None:
-    """Unsloth in its own process on our Llama-3-8B checkpoint and Alpaca rows; its row goes to ``out``, or the
-    failure's last line does."""
+def run_peer(mode: str, data: Path, ckpt: Path, out: Path, args, dataset: str = "alpaca", case: str = "",
+             extra: tuple = ()) -> dict | None:
+    """Unsloth in its own process on our Llama-3-8B checkpoint and prepared rows (``extra``: more of its flags);
+    its row goes to ``out``, or the failure's last line does."""
     build_checkpoint("llama3-8b", data, ckpt, args.layers)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (args.peer_site, os.environ.get("PYTHONPATH"))
                                                       if p)}
+    case = case or f"unsloth-{mode}"
     cmd = [sys.executable, str(Path(__file__).parent / "unsloth_peer.py"), "--ckpt", str(ckpt), "--data",
-           str(data / "alpaca"), "--mode", mode, "--out", str(out)]
+           str(data / dataset), "--mode", mode, "--out", str(out), "--case", case, *extra]
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.peer_timeout)
@@ -559,10 +593,32 @@ def run_peer(mode: str, data: Path, ckpt: Path, out: Path, args) -> dict | None:
     except subprocess.TimeoutExpired:
         failed = f"timed out after {args.peer_timeout} s"
     if failed:
-        row = {"case": f"unsloth-{mode}", "error": failed[:500], "wall_s": round(time.perf_counter() - start, 1)}
+        row = {"case": case, "error": failed[:500], "wall_s": round(time.perf_counter() - start, 1)}
         append_row(out, row)
         return row
     return None
+
+
+def timed_case(name: str, data: Path, ckpt: Path, peak: float, args, **kw) -> dict:
+    """One case as a JSONL row in ``args.out`` (its failure too: the next case goes on), printed short."""
+    import torch
+
+    ckpt = build_checkpoint(CASES[name][0], data, ckpt, args.layers)
+    start = time.perf_counter()
+    try:
+        row = run_case(name, data, ckpt, Path("/tmp/bench-work") / name, peak, **kw)
+    except Exception as err:  # noqa: BLE001 -- record the failure, go on with the next case
+        row = {"case": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+               "trace": "".join(traceback.format_exception(err))[-3000:]}  # where it failed, for the next fix
+        gc.collect()
+        torch.cuda.empty_cache()
+    row |= {"layers": args.layers, "wall_s": round(time.perf_counter() - start, 1),
+            "gpu": torch.cuda.get_device_name(0)}
+    append_row(Path(args.out), row)
+    short = {k: row.get(k) for k in ("case", "useful_tok_s", "step_s_median", "tokens_per_step",
+                                     "peak_alloc_gib", "mfu", "wall_s", "error")}
+    print(json.dumps(short), flush=True)
+    return row
 
 
 def append_row(out: Path, row: dict) -> None:
@@ -589,6 +645,9 @@ def main() -> None:
                    "packed, padfree")
     r.add_argument("--peer-site", default="", help="the folder with Unsloth's own pins, put first on PYTHONPATH")
     r.add_argument("--peer-timeout", type=int, default=300)
+    r.add_argument("--context", default="", help="lengths for the longest-context probe (batch 1, one document), "
+                   "ours from the shortest up to the first failure, then Unsloth's the same way with --peers packed")
+    r.add_argument("--context-steps", type=int, default=2, help="steps per length; the first is not timed if two")
     args = parser.parse_args()
     if args.cmd == "prepare":
         prepare_data(Path(args.vocab_dir), Path(args.shared), Path(args.out))
@@ -613,25 +672,33 @@ def main() -> None:
     names.sort(key=lambda c: CASES[c][0], reverse=True)  # one checkpoint build per shape
     for name in names:
         shape = CASES[name][0]
-        ckpt = build_checkpoint(shape, data, Path(args.ckpt_root) / f"{shape}-{args.layers}", args.layers)
-        work = Path("/tmp/bench-work") / name
-        start = time.perf_counter()
-        try:
-            row = run_case(name, data, ckpt, work, peak, steps=args.steps or None)
-        except Exception as err:  # noqa: BLE001 -- record the failure, go on with the next case
-            row = {"case": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                   "trace": "".join(traceback.format_exception(err))[-3000:]}  # where it failed, for the next fix
-            torch.cuda.empty_cache()
-        row |= {"layers": args.layers, "wall_s": round(time.perf_counter() - start, 1),
-                "gpu": torch.cuda.get_device_name(0)}
-        append_row(out, row)
-        short = {k: row.get(k) for k in ("case", "useful_tok_s", "step_s_median", "tokens_per_step",
-                                         "peak_alloc_gib", "mfu", "wall_s", "error")}
-        print(json.dumps(short), flush=True)
+        timed_case(name, data, Path(args.ckpt_root) / f"{shape}-{args.layers}", peak, args, steps=args.steps or None)
+    lengths = sorted(int(n) for n in args.context.split(",") if n)
+    ckpt3 = Path(args.ckpt_root) / f"llama3-8b-{args.layers}"
+    if lengths:
+        from finetune.core.models import open_tokenizer
+
+        tokenizer = open_tokenizer(build_checkpoint("llama3-8b", data, ckpt3, args.layers))
+        warmup = int(args.context_steps > 1)
+        for length in lengths:  # the probe stops at the first length that does not train
+            name = context_case(data, tokenizer, length)
+            row = timed_case(name, data, ckpt3, peak, args, steps=args.context_steps, warmup=warmup)
+            if "error" in row:
+                break
     for mode in [m for m in args.peers.split(",") if m]:
-        row = run_peer(mode, data, Path(args.ckpt_root) / f"llama3-8b-{args.layers}", out, args)
+        row = run_peer(mode, data, ckpt3, out, args)
         if row:
             print(json.dumps(row), flush=True)
+    if lengths and "packed" in args.peers.split(","):
+        for length in lengths:
+            name = context_case(data, tokenizer, length)
+            extra = ("--rows", "1", "--length", str(length), "--steps", str(args.context_steps),
+                     "--warmup", str(warmup))
+            row = run_peer("packed", data, ckpt3, out, args, dataset=CASES[name][1], case=f"unsloth-{name}",
+                           extra=extra)
+            if row:  # a failure: the longest is the one before
+                print(json.dumps(row), flush=True)
+                break
     for name in [c for c in args.profile.split(",") if c]:
         ckpt = build_checkpoint(CASES[name][0], data, Path(args.ckpt_root) / f"{CASES[name][0]}-{args.layers}",
                                 args.layers)

@@ -12,7 +12,8 @@ rows of ``--length`` tokens, ``--rows`` per step: documents are not kept apart, 
 ours; ``padfree`` gives TRL's packing (``packing=True``: best-fit rows of up to ``--length``, padding-free with
 per-document position ids) to Unsloth's patched SFTTrainer. Both: QLoRA nf4 (no double quantization, as ours),
 LoRA r=16 alpha=16 dropout 0 on all seven projections, Unsloth's offloaded gradient checkpointing, AdamW,
-lr 2e-4, bf16, seed 3407. The row: useful tokens/s over the steps after WARMUP, and the peak allocated.
+lr 2e-4, bf16, seed 3407. The row: useful tokens/s over the steps after ``--warmup``, and the peak allocated.
+``--rows 1 --length L`` on a dataset of long documents is ``train_speed.py run --context``'s peer.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--case", default="", help="the row's name (default unsloth-MODE)")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="steps left out of the timing")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -89,10 +92,10 @@ def main() -> None:
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=config,
                          callbacks=[timer])
     trainer.train()
-    timed = timer.steps[WARMUP:]
+    timed = timer.steps[args.warmup:]
     seconds, tokens = sum(s["seconds"] for s in timed), sum(s["tokens"] for s in timed)
     append_row(Path(args.out), {
-        "case": f"unsloth-{args.mode}", "useful_tok_s": round(tokens / seconds, 1),
+        "case": args.case or f"unsloth-{args.mode}", "length": args.length, "useful_tok_s": round(tokens / seconds, 1),
         "step_s_median": round(statistics.median(s["seconds"] for s in timed), 4),
         "tokens_per_step": round(tokens / len(timed), 1), "steps": len(timer.steps), "timed_steps": len(timed),
         "peak_alloc_gib": round(timer.peak_allocated, 2), "peak_reserved_gib": round(timer.peak_reserved, 2),
