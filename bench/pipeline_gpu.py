@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
+from finetune.core import gpu_memory  # noqa: E402
 from train_speed import SHAPES, TOKENIZER, append_row, build_checkpoint, save_tokenizers  # noqa: E402
 
 RECIPES = {  # recipe: (model shape, raw data file under the bundle's data/)
@@ -295,11 +296,15 @@ def main_run(args: argparse.Namespace) -> None:
     shape, _ = RECIPES[args.recipe]
     overrides = (TINY + ([] if cuda else TINY_CPU) if args.tiny else []) + list(args.set)
     common = {"recipe": args.recipe, "gpu": gpu_label(), "tiny": args.tiny, "dvc": use_dvc}
+    if args.gpu_memory_gib:
+        common["gpu_memory_cap_gib"] = args.gpu_memory_gib
     free = shutil.disk_usage(work.parent if work.parent.exists() else "/").free
     print(json.dumps(common | {"work": str(work), "free_disk_gib": round(free / 2**30, 1),
                                "torch": torch.__version__, "cuda": cuda}), flush=True)
 
     env = stage_env(logs / "bin", work)
+    if args.gpu_memory_gib:
+        env[gpu_memory.ENV] = str(args.gpu_memory_gib)
     # the eval stage refuses to run model-written code unconfined: find out now, not after train and quantize
     probe = ("from finetune import sandbox\nfrom finetune.core.errors import FinetuneError\ntry:\n"
              "    print('sandbox:', sandbox.isolation())\n"
@@ -402,6 +407,8 @@ def main() -> None:
     r.add_argument("--cache-type", default=None, help="DVC cache.type (default: the project's .dvc/config; "
                    "'default': DVC's own, reflink,copy) to compare the disk used")
     r.add_argument("--set", action="append", default=[], help="extra KEY=VALUE override (as dvc exp run -S)")
+    r.add_argument("--gpu-memory-gib", type=float, default=None, help="every stage as if the GPU had this much "
+                   "memory (FINETUNE_GPU_MEMORY_GIB; e.g. 22 for a 24 GB card); NVML's peak still counts the card")
     r.add_argument("--wait-for", default=None, help="before quantize, wait for this file (a llama.cpp build "
                    "running beside writes `rc=0 ...` when done)")
     t = sub.add_parser("table", help="markdown table from JSONL files")

@@ -167,3 +167,56 @@ def test_the_budget_table_is_what_the_planner_chooses_and_each_choice_fitted():
         assert chosen == Setting(plan["rows"], plan["grad_accum"], plan["checkpoint_layers"], plan["offload"]), row
         assert row["peak_alloc_gib"] <= plan["budget_gib"]
         assert need(costs, chosen) / GIB == pytest.approx(plan["predicted_gib"], abs=0.02)
+
+
+class FakeCuda:
+    """torch.cuda as a 141 GiB card with 100 GiB free, 5 GiB already reserved by this process."""
+
+    fraction = None
+
+    def is_available(self):
+        return True
+
+    def get_device_properties(self, index):
+        return type("Props", (), {"total_memory": 141 * GIB})()
+
+    def set_per_process_memory_fraction(self, fraction):
+        FakeCuda.fraction = fraction
+
+    def mem_get_info(self):
+        return 100 * GIB, 141 * GIB
+
+    def memory_reserved(self):
+        return 5 * GIB
+
+
+def test_a_gpu_memory_cap_is_what_every_size_search_sees(monkeypatch):
+    """FINETUNE_GPU_MEMORY_GIB=22: the allocator is capped at 22 of 141 GiB, and ``memory_budget_gib: auto`` plans
+    for what the cap leaves (22 - 5 reserved - the 1 GiB reserve), not for the card's 100 GiB free."""
+    from finetune.core import gpu_memory
+
+    fake = FakeCuda()
+    for name in ("is_available", "get_device_properties", "set_per_process_memory_fraction", "mem_get_info",
+                 "memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.delenv(gpu_memory.ENV, raising=False)
+    assert gpu_memory.apply_cap() is None and FakeCuda.fraction is None
+    assert memory.budget_bytes("auto") == 99 * GIB
+    monkeypatch.setenv(gpu_memory.ENV, "22")
+    assert gpu_memory.apply_cap() == 22.0 and FakeCuda.fraction == pytest.approx(22 / 141)
+    assert memory.budget_bytes("auto") == 16 * GIB
+    assert memory.budget_bytes(8) == 8 * GIB  # a number is the user's own budget, cap or not
+    monkeypatch.setenv(gpu_memory.ENV, "500")
+    assert gpu_memory.apply_cap() == 500.0 and FakeCuda.fraction == 1.0  # larger than the card: the card
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-3", "nan"])
+def test_a_bad_gpu_memory_cap_is_one_line_before_the_stage_starts(monkeypatch, tmp_path, capsys, value):
+    from finetune.cli import main
+    from finetune.core import gpu_memory
+
+    monkeypatch.setenv(gpu_memory.ENV, value)
+    assert main(["generate-data", "--out", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"FINETUNE_GPU_MEMORY_GIB={value!r}" in err and "positive number" in err
+    assert not (tmp_path / "data").exists()  # nothing ran

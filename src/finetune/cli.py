@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from finetune.core import gpu_memory
 from finetune.core.errors import LAUNCH_ERROR_FILE, FinetuneError, errno_of, is_out_of_memory, one_line, os_error_line
 from finetune.core.outputs import remove_orphans
 
@@ -354,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command != "clean":
             remove_orphans(output_paths(args))
+        gpu_memory.apply_cap()  # FINETUNE_GPU_MEMORY_GIB: as if the card were that small
         result = args.func(args)
     except FinetuneError as err:
         if args.debug:

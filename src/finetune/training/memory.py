@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from finetune.core import gpu_memory
 from finetune.core.errors import FinetuneError
 from finetune.core.recipe import Recipe, TrainSpec
 from finetune.training.levers import decoder_layers
@@ -194,12 +195,12 @@ def measure(model, recipe: Recipe) -> Costs:
 
 
 def budget_bytes(value: float | str) -> int | None:
-    """``auto``: the GPU's free memory less AUTO_RESERVE_GIB (None without a GPU); a number: that many GiB."""
+    """``auto``: the GPU's free memory (under ``FINETUNE_GPU_MEMORY_GIB``'s cap, if set) less AUTO_RESERVE_GIB (None
+    without a GPU); a number: that many GiB."""
     if value == "auto":
         if not torch.cuda.is_available():
             return None
-        free, _ = torch.cuda.mem_get_info()
-        return int(free - AUTO_RESERVE_GIB * GIB)
+        return int(gpu_memory.free_bytes() - AUTO_RESERVE_GIB * GIB)
     return int(float(value) * GIB)
 
 
