@@ -218,9 +218,34 @@ def prepare_data(vocab_dir: Path, shared: Path, out: Path) -> None:
         raw_recipe = read_yaml(Path("recipes/recipe") / f"{recipe_name}.yaml")
         raw_recipe["model"] = {"id": str(out / "tmp-tok" / tok)}
         raw_recipe["data"] |= {"id": None, "local_path": str(shared / raw), "eval_size": 0, "test_size": 0}
-        metrics = prepare(Recipe.model_validate(raw_recipe), out / name, out / f"{name}.prepare.json")
+        recipe = Recipe.model_validate(raw_recipe)
+        metrics = prepare(recipe, out / name, out / f"{name}.prepare.json")
         print(name, json.dumps(metrics["train_tokens"]), flush=True)
+        fill = packing_fill(out / name / "train.jsonl", out / "tmp-tok" / tok, recipe.train.max_length)
+        (out / f"{name}.packing.json").write_text(json.dumps(fill) + "\n")
+        print(name, "packed", json.dumps(fill), flush=True)
     shutil.rmtree(out / "tmp-tok")
+
+
+def packing_fill(train: Path, tokenizer_dir: Path, seq: int) -> dict:
+    """How full TRL's best-fit-decreasing packing (the SFTTrainer's) fills rows of ``seq`` tokens with this split:
+    the bins, the tokens of the fullest and the emptiest, and the fill of all but the emptiest (each epoch's one
+    short step). Each row is tokenized as the SFTTrainer tokenizes it: prompt + completion (or the text) with the
+    EOS appended unless it ends with one."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.data_utils import pack_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token
+    texts = [r["text"] if "text" in r else r["prompt"] + r["completion"]
+             for r in map(json.loads, train.read_text().splitlines())]
+    lengths = [len(ids) for ids in tokenizer([t if t.endswith(eos) else t + eos for t in texts])["input_ids"]]
+    packed = pack_dataset(Dataset.from_dict({"input_ids": [[0] * n for n in lengths]}), seq, strategy="bfd")
+    bins = sorted((len(ids) for ids in packed["input_ids"]), reverse=True)
+    full = bins[:-1] or bins
+    return {"seq": seq, "tokens": sum(lengths), "bins": len(bins), "most": bins[0], "least": bins[-1],
+            "fill_but_least": round(sum(full) / (len(full) * seq), 4)}
 
 
 # ------------------------------------------------------------------------------------------

@@ -60,6 +60,22 @@ def test_completion_only_labels_and_eos(tiny_llama, prepared, tmp_path):
         assert kept[-1].item() == tok.eos_token_id, "the completion must end with EOS"
 
 
+def test_packed_and_padded_epochs_count_the_same_tokens_eos_included(tiny_llama, prepared, tmp_path):
+    """One epoch over the same rows counts the same tokens packed (padding-free, no attention mask) as padded: the
+    packed count keeps each row's EOS, which is also the pad token here (counting "non_padding" dropped it)."""
+    from finetune.core.models import load_tokenizer
+    from finetune.stages.train import train
+
+    tok = load_tokenizer(tiny_recipe(tiny_llama).model)
+    assert tok.pad_token_id == tok.eos_token_id, "the case this test is about"
+    seen = {}
+    for packing in (False, True):
+        recipe = tiny_recipe(tiny_llama, packing=packing, max_steps=-1, epochs=1, batch_size=4)
+        seen[packing] = train(recipe, prepared, tmp_path / f"a{packing}", tmp_path / f"m{packing}.json",
+                              live_dir=None, checkpoint_dir=tmp_path / f"c{packing}")["tokens_seen"]
+    assert seen[True] == seen[False] > 0
+
+
 def test_train_then_merge(tiny_llama, prepared, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
