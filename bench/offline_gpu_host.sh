@@ -12,7 +12,8 @@
 # start: unpacks, prints the host and the versions, then in the background builds llama-cpp-python
 # with CUDA (sm_90 only there, ninja, all cores) while the pipeline prepares, trains and merges; the
 # pipeline waits for the build before quantize.
-# GPU_MEMORY_GIB=22 (with start): every stage as if the card had 22 GiB (FINETUNE_GPU_MEMORY_GIB). poll: waits up to SECONDS, shows progress, copies the
+# GPU_MEMORY_GIB=22 (with start): every stage as if the card had 22 GiB (FINETUNE_GPU_MEMORY_GIB); SET="k=v k=v":
+# params overrides (pipeline_gpu.py --set each). poll: waits up to SECONDS, shows progress, copies the
 # results so far to OUTDIR.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -142,7 +143,7 @@ job() {
   echo "free disk ${free} GiB -> workspace $work"
   "$PY" "$HERE/project/bench/pipeline_gpu.py" run --bundle /tmp/bundle --recipe "${RECIPE:-llama3-alpaca}" \
     --work "$work" --base /dev/shm/base --out "$RES/pipeline_gpu.h200.jsonl" --logs "$RES/logs" \
-    --wait-for "$RES/llama-built" ${GPU_MEMORY_GIB:+--gpu-memory-gib "$GPU_MEMORY_GIB"}
+    --wait-for "$RES/llama-built" ${GPU_MEMORY_GIB:+--gpu-memory-gib "$GPU_MEMORY_GIB"} ${SET:+$(printf -- '--set %s ' $SET)}
   echo "rc=$?" > "$RES/done"
   df -h / /dev/shm | tail -2 >> "$RES/done"
   cp "$work/params.yaml" "$work/dvc.lock" "$RES/" 2>/dev/null
