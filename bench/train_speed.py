@@ -236,11 +236,15 @@ def packing_fill(train: Path, tokenizer_dir: Path, seq: int) -> dict:
     from transformers import AutoTokenizer
     from trl.data_utils import pack_dataset
 
+    from finetune.core.outputs import read_jsonl
+    from finetune.stages.prepare import token_lengths
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    eos = tokenizer.eos_token
-    texts = [r["text"] if "text" in r else r["prompt"] + r["completion"]
-             for r in map(json.loads, train.read_text().splitlines())]
-    lengths = [len(ids) for ids in tokenizer([t if t.endswith(eos) else t + eos for t in texts])["input_ids"]]
+    rows = read_jsonl(train)
+    for row in rows:  # as TRL's add_eos: on the text, or on the completion
+        key = "text" if "text" in row else "completion"
+        row[key] += "" if row[key].endswith(tokenizer.eos_token) else tokenizer.eos_token
+    lengths = token_lengths(rows, tokenizer)
     packed = pack_dataset(Dataset.from_dict({"input_ids": [[0] * n for n in lengths]}), seq, strategy="bfd")
     bins = sorted((len(ids) for ids in packed["input_ids"]), reverse=True)
     full = bins[:-1] or bins
