@@ -133,3 +133,58 @@ def test_reinstall_after_another_patch(tiny_llama):
     mlp.forward = foreign
     assert fused_lora.install(model) == 1
     assert fused_lora.is_fused(mlp) and mlp._unfused_forward is foreign
+
+
+def _qlora_checkpointed(model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as TRL sets it
+    model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("tail", [True, False], ids=["base-last", "addmm"])
+def test_recompute_stops_before_the_4bit_down_projection(tiny_llama, tail):
+    """In a checkpointed layer the 4-bit down projection's base matmul runs once a step, not again in the
+    recompute (every other projection runs twice); the gradients are the fused addmm order's. ``addmm``: the
+    order with the base matmul first, which the recompute runs again (what this saves)."""
+    model = _qlora_checkpointed(tiny_llama)
+    layers = model.base_model.model.model.layers
+    ids = torch.randint(0, 200, (2, 24))
+    fused_lora.install(model)  # every MLP fused, no down projection reordered: the reference
+    want, want_grads = _run(model, ids)
+    for layer in layers:  # back to the MLPs' own forward, as a checkpointed layer has it
+        layer.mlp.forward = layer.mlp._unfused_forward
+    fused_lora.install(model, recomputed_mlps=[layer.mlp for layer in layers] if tail else [])
+    assert [layer.mlp.down_proj._base_last for layer in layers] == [tail] * len(layers)
+    calls: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name.endswith("base_layer"):
+            module.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    got, got_grads = _run(model, ids)
+    downs = {n: c for n, c in calls.items() if "down_proj" in n}
+    assert len(downs) == len(layers) and set(downs.values()) == {1 if tail else 2}
+    assert len(calls) == 7 * len(layers) and {c for n, c in calls.items() if n not in downs} == {2}
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_only_a_4bit_down_projection_computes_its_base_last(tiny_llama):
+    """A plain (fp32/bf16) base layer saves its weight for backward, so its matmul would be recomputed in either
+    order: it keeps the addmm."""
+    model = _peft_model(tiny_llama)
+    mlps = [layer.mlp for layer in model.base_model.model.model.layers]
+    fused_lora.install(model, recomputed_mlps=mlps)
+    assert not any(m.down_proj._base_last for m in mlps)
+    assert not any(fused_lora.is_fused(m) for m in mlps), "the recomputed layers' MLPs keep their own forward"

@@ -194,7 +194,7 @@ def model_levers(model, spec: TrainSpec):
                     layer.gradient_checkpointing = (i + 1) * count // len(layers) > i * count // len(layers)
             if spec.fused_lora:
                 recomputed = [getattr(layer, "mlp", None) for layer in layers if layer.gradient_checkpointing]
-                fused_lora.install(model, keep_mlps=[m for m in recomputed if m is not None])
+                fused_lora.install(model, recomputed_mlps=[m for m in recomputed if m is not None])
             if spec.compile:  # after the flags and the fused forward: a checkpointed layer compiles another way
                 regional_compile.install(layers)
             if spec.offload_activations:
