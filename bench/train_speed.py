@@ -126,6 +126,10 @@ CASES = {
     "curve-tutorial": ("llama3-8b", "alpaca", QLORA, TUTORIAL | {"group_by_length": False}, 50),
     "curve-ours": ("llama3-8b", "alpaca", QLORA, {"packing": False, "optimizer": "adamw_torch_fused"}, 50),
 }
+# eighth session: the 4-bit down projections of recomputed layers in the addmm order, so the recompute runs their base
+# matmul again (fused_lora.BASE_LAST off; a bench-only key), beside the default cases, which skip it
+CASES |= {f"{case}-addmm": (*CASES[case][:3], CASES[case][3] | {"base_last": False}, CASES[case][4])
+          for case in ("l3-alpaca-qlora-budget8", "l3-alpaca-qlora-budget24", "l3-alpaca-qlora-ckpt-varlen")}
 WARMUP = 3
 # the longest context at batch 1 (issue 19): one document of L tokens a step (``run --context L1,L2``), every layer
 # recomputed from its input offloaded to host memory (Unsloth's setting for long rows), beside Unsloth's offloaded
@@ -385,8 +389,11 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float, 
 
     from finetune.core.recipe import Recipe, read_yaml
     from finetune.stages.train import train
+    from finetune.training import fused_lora
 
     shape, dataset, quant, overrides, case_steps = CASES[name]
+    overrides = dict(overrides)
+    fused_lora.BASE_LAST = overrides.pop("base_last", True)  # a bench-only lever, not a recipe key
     steps = steps or case_steps
     raw = read_yaml(Path("recipes/recipe") / f"{DATASETS[dataset][0]}.yaml")
     raw["model"] = {"id": str(ckpt)}
@@ -416,7 +423,7 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float, 
     return {
         "case": name, "shape": shape, "dataset": dataset, "quant": quant["mode"],
         "train": recipe.train.model_dump(), "packing": metrics["packing"], "liger": metrics["liger"],
-        "liger_modules": kernels,
+        "liger_modules": kernels, "base_last": fused_lora.BASE_LAST,
         "attention": metrics.get("attention"),
         "steps": len(timer.steps), "timed_steps": len(timed),
         "useful_tok_s": round(tok_s, 1),

@@ -153,10 +153,11 @@ def _qlora_checkpointed(model_dir):
 
 
 @pytest.mark.parametrize("tail", [True, False], ids=["base-last", "addmm"])
-def test_recompute_stops_before_the_4bit_down_projection(tiny_llama, tail):
+def test_recompute_stops_before_the_4bit_down_projection(tiny_llama, monkeypatch, tail):
     """In a checkpointed layer the 4-bit down projection's base matmul runs once a step, not again in the
-    recompute (every other projection runs twice); the gradients are the fused addmm order's. ``addmm``: the
-    order with the base matmul first, which the recompute runs again (what this saves)."""
+    recompute (every other projection runs twice); the gradients are the fused addmm order's. ``addmm``
+    (``BASE_LAST`` off, the bench's baseline): the base matmul first, which the recompute runs again."""
+    monkeypatch.setattr(fused_lora, "BASE_LAST", tail)
     model = _qlora_checkpointed(tiny_llama)
     layers = model.base_model.model.model.layers
     ids = torch.randint(0, 200, (2, 24))
@@ -164,7 +165,7 @@ def test_recompute_stops_before_the_4bit_down_projection(tiny_llama, tail):
     want, want_grads = _run(model, ids)
     for layer in layers:  # back to the MLPs' own forward, as a checkpointed layer has it
         layer.mlp.forward = layer.mlp._unfused_forward
-    fused_lora.install(model, recomputed_mlps=[layer.mlp for layer in layers] if tail else [])
+    fused_lora.install(model, recomputed_mlps=[layer.mlp for layer in layers])
     assert [layer.mlp.down_proj._base_last for layer in layers] == [tail] * len(layers)
     calls: dict[str, int] = {}
     for name, module in model.named_modules():

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+BASE_LAST = True  # the bench: False keeps the addmm order in recomputed layers too, to measure what skipping saves
+
 
 def _plain(layer: torch.nn.Module) -> bool:
     """A vanilla LoRA layer whose adapters can be folded into one ``addmm``."""
@@ -153,7 +155,7 @@ def install(model: torch.nn.Module, recomputed_mlps: Iterable[torch.nn.Module] =
     tails = {id(m.down_proj) for m in recomputed_mlps if hasattr(m, "down_proj")}
     for module in list(model.modules()):
         if _plain(module) and hasattr(module, "base_layer"):  # set again on every install: the layers may change
-            module._base_last = id(module) in tails and _keeps_no_weight(module.base_layer)
+            module._base_last = BASE_LAST and id(module) in tails and _keeps_no_weight(module.base_layer)
         if is_fused(module) or id(module) in keep:
             continue  # already ours (another patch, e.g. Liger's at Trainer.train, gets replaced again)
         if _plain(module) and hasattr(module, "base_layer"):
