@@ -122,6 +122,10 @@ CASES = {
     "l3-alpaca-qlora-compile-sdpa": ("llama3-8b", "alpaca", QLORA, {"attention": "sdpa", "compile": True}, 10),
     **{f"l3-alpaca-qlora-budget{b}": ("llama3-8b", "alpaca", QLORA, {"attention": "varlen", "memory_budget_gib": b}, 10)
        for b in (8, 16, 24, 40, 80, 140)},
+    # eighth session: `-S train.speed=max` on the tutorials' stack (issue 19 item 5), as many tutorial steps as fill
+    # ~12 packed steps (Alpaca: 240 x 4 rows of ~104 tokens; guanaco: 120 x 4 of ~461), beside the tutorial itself
+    "l3-alpaca-tutorial-max": ("llama3-8b", "alpaca", QLORA, TUTORIAL | {"speed": "max"}, 240),
+    "l2-guanaco-tutorial-max": ("llama2-7b", "guanaco", QLORA, TUTORIAL | {"speed": "max"}, 120),
     # loss curves on identical batches (random order, batch 4, seed 3407): tutorial levers vs ours
     "curve-tutorial": ("llama3-8b", "alpaca", QLORA, TUTORIAL | {"group_by_length": False}, 50),
     "curve-ours": ("llama3-8b", "alpaca", QLORA, {"packing": False, "optimizer": "adamw_torch_fused"}, 50),
@@ -434,7 +438,7 @@ def run_case(name: str, data: Path, ckpt: Path, work: Path, peak_tflops: float, 
         "mfu": round(fpt * tok_s / (peak_tflops * 1e12), 4), "matmul_peak_tflops": round(peak_tflops, 1),
         "losses": losses, "step_seconds": [round(s["seconds"], 4) for s in timer.steps],
         "stage_train_seconds": metrics["train_seconds"],
-        **({"memory_plan": metrics["memory_plan"]} if "memory_plan" in metrics else {}),
+        **({k: metrics[k] for k in ("memory_plan", "speed_max") if k in metrics}),
     }
 
 
