@@ -60,7 +60,8 @@ DATASETS = {  # name: (recipe, raw file under ../shared/data, tokenizer)
 # The tutorials' stack: QLoRA nf4 + gradient checkpointing, batch 4, group_by_length, pad to longest.
 TUTORIAL = dict(packing=False, group_by_length=True, gradient_checkpointing=True, batch_size=4, grad_accum=1,
                 liger="off", fused_lora=False, optimizer="paged_adamw_32bit")
-LEVERS = ("packing", "group_by_length", "gradient_checkpointing", "checkpoint_layers", "fused_lora", "batch_size",
+LEVERS = ("packing", "group_by_length", "gradient_checkpointing", "checkpoint_layers", "fused_lora",
+          "fused_lora_groups", "batch_size",
           "grad_accum", "liger", "optimizer", "attention", "max_steps", "epochs", "warmup_steps", "warmup_ratio",
           "logging_steps", "offload_activations", "compile", "memory_budget_gib", "speed")
 QLORA = {"mode": "4bit", "quant_type": "nf4", "double_quant": False, "compute_dtype": "bfloat16"}
@@ -134,6 +135,10 @@ CASES = {
 # matmul again (fused_lora.BASE_LAST off; a bench-only key), beside the default cases, which skip it
 CASES |= {f"{case}-addmm": (*CASES[case][:3], CASES[case][3] | {"base_last": False}, CASES[case][4])
           for case in ("l3-alpaca-qlora-budget8", "l3-alpaca-qlora-budget24", "l3-alpaca-qlora-ckpt-varlen")}
+# q/k/v and gate/up sharing their first matmul (train.fused_lora_groups), beside the same settings without
+CASES |= {f"{case}-groups": (*CASES[case][:3], CASES[case][3] | {"fused_lora_groups": True}, CASES[case][4])
+          for case in ("l3-alpaca-qlora-budget8", "l3-alpaca-qlora-budget24", "l3-alpaca-qlora-varlen",
+                       "l3-alpaca-bf16-b6")}
 WARMUP = 3
 # the longest context at batch 1 (issue 19): one document of L tokens a step (``run --context L1,L2``), every layer
 # recomputed from its input offloaded to host memory (Unsloth's setting for long rows), beside Unsloth's offloaded
@@ -547,14 +552,19 @@ def check_fused() -> dict:
     peft, peft_g = run(model, True)
     changed = fused_lora.install(model)
     fused, fused_g = run(model, True)
+    fused_lora.install(model, groups=True)  # q/k/v and gate/up sharing their first matmul (train.fused_lora_groups)
+    grouped, grouped_g = run(model, True)
 
     def off(grads, ref):  # largest relative difference over the adapter gradients
         return max(float((grads[n] - g).norm() / g.norm()) for n, g in ref.items())
 
     return {"case": "fused-check", "modules_fused": changed, "loss_fp32": exact,
             "loss_rel_diff_peft": abs(peft - exact) / exact, "loss_rel_diff_fused": abs(fused - exact) / exact,
+            "loss_rel_diff_grouped": abs(grouped - exact) / exact,
             "max_grad_rel_diff_peft": off(peft_g, exact_g), "max_grad_rel_diff_fused": off(fused_g, exact_g),
-            "max_grad_rel_diff_fused_vs_peft": off(fused_g, peft_g)}
+            "max_grad_rel_diff_grouped": off(grouped_g, exact_g),
+            "max_grad_rel_diff_fused_vs_peft": off(fused_g, peft_g),
+            "max_grad_rel_diff_grouped_vs_fused": off(grouped_g, fused_g)}
 
 
 KERNEL_KINDS = (  # (kind, substrings of the CUDA kernel name), first match wins

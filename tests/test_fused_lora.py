@@ -47,9 +47,11 @@ def test_same_values_and_gradients_fp32(tiny_llama):
     assert not torch.allclose(base, want, atol=1e-3)
 
 
-def test_bf16_autocast_no_less_accurate(tiny_llama):
+@pytest.mark.parametrize("groups", [False, True], ids=["alone", "groups"])
+def test_bf16_autocast_no_less_accurate(tiny_llama, groups):
     """bf16 base, fp32 adapters, autocast (the training setup on a GPU): against an fp32 run of the same
-    weights, the fused forward's logits and gradients are no further off than PEFT's own."""
+    weights, the fused forward's logits and gradients are no further off than PEFT's own (q/k/v and gate/up
+    grouped or not)."""
     import copy
 
     model = _peft_model(tiny_llama, dtype=torch.bfloat16)
@@ -57,7 +59,7 @@ def test_bf16_autocast_no_less_accurate(tiny_llama):
     ids = torch.randint(0, 200, (2, 24))
     exact, exact_grads = _run(reference, ids)
     peft, peft_grads = _run(model, ids, autocast=True)
-    fused_lora.install(model)
+    fused_lora.install(model, groups=groups)
     got, got_grads = _run(model, ids, autocast=True)
     assert (got - exact).norm() <= 1.5 * (peft - exact).norm()
 
@@ -189,3 +191,53 @@ def test_only_a_4bit_down_projection_computes_its_base_last(tiny_llama):
     fused_lora.install(model, recomputed_mlps=mlps)
     assert not any(m.down_proj._base_last for m in mlps)
     assert not any(fused_lora.is_fused(m) for m in mlps), "the recomputed layers' MLPs keep their own forward"
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
+def test_groups_share_the_first_matmul(tiny_llama, quantized):
+    """q/k/v and gate/up compute their A products in one matmul per forward (each group once a layer), with the
+    ungrouped values and gradients; checkpointed, the recompute computes each group's product once more."""
+    model = _qlora_checkpointed(tiny_llama) if quantized else _peft_model(tiny_llama)
+    layers = model.base_model.model.model.layers
+    ids = torch.randint(0, 200, (2, 24))
+    fused_lora.install(model)
+    want, want_grads = _run(model, ids)
+    fused_lora.install(model, groups=True)
+    groups = {id(m._group): m._group for m in model.modules() if getattr(m, "_group", None) is not None}
+    assert len(groups) == 2 * len(layers)
+    assert sorted(len(g.members) for g in groups.values()) == sorted([2, 3] * len(layers))
+    got, got_grads = _run(model, ids)
+    assert {g.stacked for g in groups.values()} == {2 if quantized else 1}, "one product per forward (+ recompute)"
+    assert all(g._h is None and g._x is None for g in groups.values()), "nothing held after the layer"
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_a_group_member_called_alone_or_again_gets_its_own_product(tiny_llama):
+    """Members called on other inputs, out of order or twice: each gets ``x @ A^T`` of its own input."""
+    model = _peft_model(tiny_llama)
+    fused_lora.install(model, groups=True)
+    attn = model.base_model.model.model.layers[0].self_attn
+    x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    name = attn.q_proj._group.name
+    outs = [attn.q_proj(x), attn.q_proj(x), attn.k_proj(y), attn.v_proj(x)]
+    with torch.no_grad():
+        for layer, inp, out in zip((attn.q_proj, attn.q_proj, attn.k_proj, attn.v_proj), (x, x, y, x), outs,
+                                   strict=True):
+            expect = layer.base_layer(inp) + layer.lora_B[name](layer.lora_A[name](inp)) * layer.scaling[name]
+            assert torch.allclose(out, expect, atol=1e-6)
+    assert attn.q_proj._group.stacked == 4, "q again, k on y, then v on x (y's product held): each a new one"
+
+
+def test_groups_need_the_fused_forward_and_no_compile():
+    from pydantic import ValidationError
+
+    from finetune.core.recipe import TrainSpec
+
+    with pytest.raises(ValidationError, match="fused_lora_groups is true but train.fused_lora is false"):
+        TrainSpec(fused_lora_groups=True, fused_lora=False)
+    with pytest.raises(ValidationError, match="fused_lora_groups and train.compile are both true"):
+        TrainSpec(fused_lora_groups=True, compile=True)
+    assert TrainSpec(fused_lora_groups=True).fused_lora_groups

@@ -239,6 +239,25 @@ def test_offload_activations(tiny_llama, prepared, tmp_path, monkeypatch):
     assert all(torch.equal(moved_adapter[k], plain_adapter[k]) for k in plain_adapter)
 
 
+def test_fused_lora_groups(tiny_llama, prepared, tmp_path):
+    """fused_lora_groups through the train stage, 1 of 2 layers checkpointed: each layer's q/k/v and gate/up share
+    one product per forward (the checkpointed layer's once more in its recompute), and the per-step losses,
+    gradient norms and the adapter equal the ungrouped run's to float32 rounding."""
+    levers = {"gradient_checkpointing": True, "checkpoint_layers": 1}
+    plain, plain_adapter = _steps(tiny_recipe(tiny_llama, **levers), prepared, tmp_path, "plain")
+    grouped, grouped_adapter = _steps(tiny_recipe(tiny_llama, **levers, fused_lora_groups=True), prepared, tmp_path,
+                                      "grouped")
+    layers = grouped.model.get_base_model().model.layers
+    stacked = [(layer.self_attn.q_proj._group.stacked, layer.mlp.gate_proj._group.stacked) for layer in layers]
+    assert stacked == [(3, 3), (5, 5)], "2 steps and the final eval; the checkpointed layer recomputes in each step"
+    assert all(layer.self_attn.q_proj._group is None for layer in plain.model.get_base_model().model.layers)
+    assert len(_curve(grouped)) == 2
+    for (loss, norm), (want_loss, want_norm) in zip(_curve(grouped), _curve(plain), strict=True):
+        assert loss == pytest.approx(want_loss, rel=1e-5) and norm == pytest.approx(want_norm, rel=1e-4)
+    assert grouped_adapter.keys() == plain_adapter.keys()
+    assert all(torch.allclose(grouped_adapter[k], plain_adapter[k], atol=1e-6) for k in plain_adapter)
+
+
 def test_offload_activations_needs_checkpointing():
     from pydantic import ValidationError
 

@@ -124,6 +124,10 @@ class TrainSpec(_Section):
         True, description="Add the LoRA update inside the adapter's matmul (finetune.training.fused_lora); "
         "false: PEFT's forward"
     )
+    fused_lora_groups: bool = Field(
+        False, description="With fused_lora: q/k/v and gate/up, which read the same input, compute their LoRA A "
+        "products in one matmul (finetune.training.fused_lora); not with compile. Off until measured on a GPU"
+    )
     offload_activations: bool = Field(
         False, description="With gradient_checkpointing: the input each checkpointed layer keeps for its recompute "
         "waits in pinned host memory until backward, copied on a side CUDA stream (finetune.training.offload; "
@@ -170,6 +174,13 @@ class TrainSpec(_Section):
             raise ValueError("train.offload_activations is true but train.gradient_checkpointing is false (it moves "
                              "what checkpointed layers keep); set gradient_checkpointing: true or "
                              "offload_activations: false")
+        if self.fused_lora_groups and not self.fused_lora:
+            raise ValueError("train.fused_lora_groups is true but train.fused_lora is false (the groups share the "
+                             "fused forward's first matmul); set fused_lora: true or fused_lora_groups: false")
+        if self.fused_lora_groups and self.compile:
+            raise ValueError("train.fused_lora_groups and train.compile are both true: the compiled layers fuse "
+                             "their matmuls' neighbours themselves and cannot trace the groups' shared product; "
+                             "set one of them false")
         if self.packing is True and self.group_by_length:
             raise ValueError("train.packing and train.group_by_length are both true: packing already bins rows "
                              "by length; set group_by_length: false")

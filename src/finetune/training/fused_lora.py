@@ -17,6 +17,11 @@ last, so the LoRA product's saved tensors are the layer's last and the non-reent
 stop ends the recompute before the base matmul: 27% of a Llama-3-8B layer's matmul work, not done again.
 It costs the addmm epilogue there (one more pass over the output); the value is the same sum.
 
+With ``train.fused_lora_groups`` the projections that read the same input one after another (q/k/v, gate/up)
+share their first thin matmul: the first to run computes ``x @ [A_q; A_k; A_v]^T`` once and each takes its
+columns (:class:`_Group`). Backward then has one ``dH^T x`` for the adapters' A gradients and one ``dH A`` for the
+input's, where it had three of each and two sums of input-sized gradients; the same values up to rounding.
+
 SwiGLU MLPs (Llama, Mistral, Qwen: ``down(silu(gate(x)) * up(x))``) whose down projection is such a
 layer also stop keeping ``silu(gate) * up`` for backward: ``lora_A`` of the down projection needs it
 for its gradient, but it is two elementwise ops away from ``gate`` and ``up``, which backward keeps
@@ -26,6 +31,7 @@ anyway, so it is recomputed there. That is a fifth of a decoder layer's saved ac
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,6 +51,47 @@ def _plain(layer: torch.nn.Module) -> bool:
             and isinstance(layer.lora_A[name], torch.nn.Linear))
 
 
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called in this order on one input
+
+
+class _Group:
+    """Plain LoRA layers that read the same input one after another: the first of them to run computes every
+    member's ``x @ A^T`` in one matmul (their A's stacked) and each member takes its own columns of it."""
+
+    def __init__(self, members: list[torch.nn.Module], name: str) -> None:
+        self.members, self.name = members, name
+        ranks = [m.lora_A[name].weight.shape[0] for m in members]
+        starts = [sum(ranks[:i]) for i in range(len(ranks))]
+        self.columns = {id(m): (lo, lo + r) for m, lo, r in zip(members, starts, ranks, strict=True)}
+        self.stacked = 0  # stacked products computed (tests)
+        self._x: weakref.ref | None = None  # the input of the product held, while members still need it
+        self._h: torch.Tensor | None = None
+        self._left: set[int] = set()
+
+    def product(self, layer: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """``x @ A^T`` for ``layer`` (None: not this group's adapter); a new stacked product unless this input's
+        is held and ``layer`` has not taken its columns yet."""
+        if name != self.name:
+            return None
+        if self._x is None or self._x() is not x or id(layer) not in self._left:
+            stacked = torch.cat([m.lora_A[name].weight for m in self.members])
+            self._h, self._x, self._left = torch.nn.functional.linear(x, stacked), weakref.ref(x), set(self.columns)
+            self.stacked += 1
+        lo, hi = self.columns[id(layer)]
+        h = self._h[..., lo:hi]
+        self._left.discard(id(layer))
+        if not self._left:  # every member has its columns: hold nothing past this layer
+            self._h = self._x = None
+        return h
+
+
+def _lora_a(self, x: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
+    """``x @ A^T``: this layer's columns of its group's stacked product, or its own matmul."""
+    group = self._group
+    h = group.product(self, x, name) if group is not None else None
+    return torch.nn.functional.linear(x, a) if h is None else h
+
+
 def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     active = self.active_adapters
     if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A:
@@ -55,14 +102,14 @@ def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if not autocast and not (x.dtype == a.dtype == b.dtype):
         return self._peft_forward(x, *args, **kwargs)
     if self._base_last:
-        h = torch.nn.functional.linear(x, a)
+        h = _lora_a(self, x, a, name)
         lora = torch.mm(h.reshape(-1, h.shape[-1]), b.t())  # saves h and B: the recompute stops here
         result = self.base_layer(x)
         return torch.add(result, lora.view(result.shape).to(result.dtype), alpha=self.scaling[name])
     result = self.base_layer(x)
     if not autocast and result.dtype != b.dtype:
         return self._peft_forward(x, *args, **kwargs)
-    h = torch.nn.functional.linear(x, a)
+    h = _lora_a(self, x, a, name)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
                       alpha=self.scaling[name])
     return out.view(result.shape)
@@ -145,17 +192,32 @@ def is_fused(module: torch.nn.Module) -> bool:
     return getattr(module.forward, "__func__", None) in (_forward, _mlp_forward)
 
 
-def install(model: torch.nn.Module, recomputed_mlps: Iterable[torch.nn.Module] = ()) -> int:
+def _groups(model: torch.nn.Module) -> list[_Group]:
+    """A group for every set of :data:`GROUPS` siblings that are all plain LoRA layers of one adapter and dtype."""
+    groups = []
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(m is not None and _plain(m) and hasattr(m, "base_layer") for m in members):
+                continue
+            adapters = {next(iter(m.lora_A)) for m in members}
+            if len(adapters) == 1 and len({m.lora_A[next(iter(adapters))].weight.dtype for m in members}) == 1:
+                groups.append(_Group(members, adapters.pop()))
+    return groups
+
+
+def install(model: torch.nn.Module, recomputed_mlps: Iterable[torch.nn.Module] = (), groups: bool = False) -> int:
     """Give every plain LoRA layer of ``model`` the fused forward, and every SwiGLU MLP around one the
     recomputed down input, except ``recomputed_mlps`` (those of checkpointed layers, which keep nothing anyway):
-    their 4-bit down projections compute the base matmul last instead. Per instance; returns how many modules
-    changed."""
+    their 4-bit down projections compute the base matmul last instead. ``groups``: q/k/v and gate/up share their
+    first matmul (:class:`_Group`). Per instance; returns how many modules changed."""
     count = 0
     keep = {id(m) for m in recomputed_mlps}
     tails = {id(m.down_proj) for m in recomputed_mlps if hasattr(m, "down_proj")}
     for module in list(model.modules()):
         if _plain(module) and hasattr(module, "base_layer"):  # set again on every install: the layers may change
             module._base_last = BASE_LAST and id(module) in tails and _keeps_no_weight(module.base_layer)
+            module._group = None
         if is_fused(module) or id(module) in keep:
             continue  # already ours (another patch, e.g. Liger's at Trainer.train, gets replaced again)
         if _plain(module) and hasattr(module, "base_layer"):
@@ -166,4 +228,7 @@ def install(model: torch.nn.Module, recomputed_mlps: Iterable[torch.nn.Module] =
             module._unfused_forward = module.forward
             module.forward = types.MethodType(_mlp_forward, module)
             count += 1
+    for group in _groups(model) if groups else ():
+        for member in group.members:
+            member._group = group
     return count

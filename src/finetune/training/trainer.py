@@ -173,9 +173,9 @@ def dvclive_callback(live_dir: Path | None, resume: bool = False) -> list:
 def model_levers(model, spec: TrainSpec):
     """A callback that sets the levers living on the model's modules once ``Trainer.train`` has set up the
     model (Liger's patches, gradient checkpointing on every layer): the fused LoRA forward
-    (``train.fused_lora``), checkpointing on only ``train.checkpoint_layers`` decoder layers, spread evenly,
-    each decoder layer compiled (``train.compile``) and the checkpointed layers' inputs kept in host memory
-    (``train.offload_activations``)."""
+    (``train.fused_lora``, q/k/v and gate/up grouped with ``train.fused_lora_groups``), checkpointing on only
+    ``train.checkpoint_layers`` decoder layers, spread evenly, each decoder layer compiled (``train.compile``)
+    and the checkpointed layers' inputs kept in host memory (``train.offload_activations``)."""
     from transformers import TrainerCallback
 
     layers = decoder_layers(model)
@@ -194,7 +194,8 @@ def model_levers(model, spec: TrainSpec):
                     layer.gradient_checkpointing = (i + 1) * count // len(layers) > i * count // len(layers)
             if spec.fused_lora:
                 recomputed = [getattr(layer, "mlp", None) for layer in layers if layer.gradient_checkpointing]
-                fused_lora.install(model, recomputed_mlps=[m for m in recomputed if m is not None])
+                fused_lora.install(model, recomputed_mlps=[m for m in recomputed if m is not None],
+                                   groups=spec.fused_lora_groups)
             if spec.compile:  # after the flags and the fused forward: a checkpointed layer compiles another way
                 regional_compile.install(layers)
             if spec.offload_activations:
