@@ -241,3 +241,21 @@ def test_groups_need_the_fused_forward_and_no_compile():
     with pytest.raises(ValidationError, match="fused_lora_groups and train.compile are both true"):
         TrainSpec(fused_lora_groups=True, compile=True)
     assert TrainSpec(fused_lora_groups=True).fused_lora_groups
+
+
+def test_the_lora_update_is_added_in_place(tiny_llama):
+    """No copy of any projection's output: the out-of-place addmm copied ``result`` into its output first (on CUDA a
+    device-to-device memcpy per projection, forward and recompute), and the SwiGLU backward its input gradient."""
+    from torch.profiler import profile
+
+    model = _peft_model(tiny_llama)
+    fused_lora.install(model)
+    ids = torch.randint(0, 200, (2, 24))
+    with profile(record_shapes=True) as prof:
+        _run(model, ids)
+    tokens = ids.numel()
+    events = prof.key_averages(group_by_input_shape=True)
+    assert sum(e.count for e in events if e.key == "aten::addmm_") == 2 * 8, "q, k, v, o, gate, up, down + swiglu"
+    copies = [e.input_shapes for e in events if e.key == "aten::copy_" and e.input_shapes
+              and len(e.input_shapes[0]) == 2 and e.input_shapes[0][0] == tokens]
+    assert copies == [], f"copies of projection outputs: {copies}"

@@ -4,7 +4,8 @@ PEFT computes a LoRA layer as ``result + lora_B(lora_A(x)) * scaling`` (and, for
 clones ``result`` first): besides the two thin matmuls, that is four to five full passes over an
 output-sized tensor per layer per step (clone, lora_B's output, the scaling, the sum), and as many
 again in backward. ``torch.addmm(result, lora_A(x), B^T, alpha=scaling)`` does the scaling and the
-sum in the GEMM's epilogue: one read of ``result``, one write. Same parameters, same adapter files;
+sum in the GEMM's epilogue: one read of ``result``, one write (in place: ``result.addmm_``; out of place, addmm
+first copies ``result`` to its output). Same parameters, same adapter files;
 the value differs only by rounding (one rounding instead of three). Measured in bench/README.md.
 
 Only the plain case is fused: one active adapter, no dropout, no DoRA/variant, no LoRA bias, not
@@ -30,6 +31,7 @@ anyway, so it is recomputed there. That is a fifth of a decoder layer's saved ac
 
 from __future__ import annotations
 
+import functools
 import types
 import weakref
 from collections.abc import Iterable
@@ -101,18 +103,20 @@ def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     autocast = torch.is_autocast_enabled(x.device.type)
     if not autocast and not (x.dtype == a.dtype == b.dtype):
         return self._peft_forward(x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])  # the base layer's output comes out 2-D: added to in place, no view
     if self._base_last:
         h = _lora_a(self, x, a, name)
         lora = torch.mm(h.reshape(-1, h.shape[-1]), b.t())  # saves h and B: the recompute stops here
-        result = self.base_layer(x)
-        return torch.add(result, lora.view(result.shape).to(result.dtype), alpha=self.scaling[name])
-    result = self.base_layer(x)
+        result = self.base_layer(flat)
+        return result.add_(lora.to(result.dtype), alpha=self.scaling[name]).view(*x.shape[:-1], -1)
+    result = self.base_layer(flat)
     if not autocast and result.dtype != b.dtype:
         return self._peft_forward(x, *args, **kwargs)
     h = _lora_a(self, x, a, name)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
-                      alpha=self.scaling[name])
-    return out.view(result.shape)
+    # in place: the out-of-place addmm first copies ``result`` into its output (a device-to-device copy of every
+    # projection's output, forward and recompute: 23 ms of a 723 ms step in the bench's profile of ck16-b4)
+    out = result.addmm_(h.reshape(-1, h.shape[-1]).to(result.dtype), b.to(result.dtype).t(), alpha=self.scaling[name])
+    return out.view(*x.shape[:-1], -1)
 
 
 def _liger_swiglu():
@@ -148,8 +152,12 @@ class _SwiGLULoraA(torch.autograd.Function):
         w = a.to(product.dtype)
         grad_a = (grad_h.reshape(-1, grad_h.shape[-1]).t() @ product.reshape(-1, product.shape[-1])).to(a.dtype)
         del product
-        grad_p = grad_h @ w if grad_product is None else torch.addmm(
-            grad_product.reshape(-1, w.shape[1]), grad_h.reshape(-1, w.shape[0]), w).view(gate.shape)
+        if grad_product is None:
+            grad_p = grad_h @ w
+        else:  # added into the down projection's fresh input gradient in place when it is a plain dense one
+            grad_p = grad_product.reshape(-1, w.shape[1])
+            add = grad_p.addmm_ if grad_product.is_contiguous() else functools.partial(torch.addmm, grad_p)
+            grad_p = add(grad_h.reshape(-1, w.shape[0]), w).view(gate.shape)
         if liger:  # gradients written over gate and up, which nothing needs any more
             grad_gate, grad_up = liger[1](gate, up, grad_p.view(gate.shape))
             return grad_gate, grad_up, grad_a
@@ -174,12 +182,12 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type)
         gate, up = gate.to(dtype), up.to(dtype)
     product, h = _SwiGLULoraA.apply(gate, up, down.lora_A[name].weight)
-    result = down.base_layer(product)
+    result = down.base_layer(product.reshape(-1, product.shape[-1]))  # 2-D, added to in place as in _forward
     b = down.lora_B[name].weight
     with torch.autocast(x.device.type, enabled=False):
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
-                          b.to(result.dtype).t(), alpha=down.scaling[name])
-    return out.view(result.shape)
+        out = result.addmm_(h.reshape(-1, h.shape[-1]).to(result.dtype), b.to(result.dtype).t(),
+                            alpha=down.scaling[name])
+    return out.view(*product.shape[:-1], -1)
 
 
 def _keeps_no_weight(base: torch.nn.Module) -> bool:
