@@ -125,8 +125,9 @@ class TrainSpec(_Section):
         "false: PEFT's forward"
     )
     fused_lora_groups: bool = Field(
-        False, description="With fused_lora: q/k/v and gate/up, which read the same input, compute their LoRA A "
-        "products in one matmul (finetune.training.fused_lora); not with compile. Off until measured on a GPU"
+        False, description="With fused_lora: q/k/v and gate/up, which read the same input, run as one autograd "
+        "node each: one LoRA A matmul, input gradients added inside the GEMMs (finetune.training.fused_lora); not "
+        "with compile. Off until measured on a GPU"
     )
     offload_activations: bool = Field(
         False, description="With gradient_checkpointing: the input each checkpointed layer keeps for its recompute "

@@ -19,9 +19,10 @@ stop ends the recompute before the base matmul: 27% of a Llama-3-8B layer's matm
 It costs the addmm epilogue there (one more pass over the output); the value is the same sum.
 
 With ``train.fused_lora_groups`` the projections that read the same input one after another (q/k/v, gate/up)
-share their first thin matmul: the first to run computes ``x @ [A_q; A_k; A_v]^T`` once and each takes its
-columns (:class:`_Group`). Backward then has one ``dH^T x`` for the adapters' A gradients and one ``dH A`` for the
-input's, where it had three of each and two sums of input-sized gradients; the same values up to rounding.
+run as one autograd node (:class:`_GroupLinear`): the first to run computes every member's output, with one
+``x @ [A_q; A_k; A_v]^T`` for the adapters, and each takes its own. Backward then has one ``dH^T x`` for the A
+gradients and chains the input gradient through accumulating GEMMs (``sum g_i W_i + dH A``) where autograd had
+a thin matmul per adapter and an elementwise add per base layer and adapter; the same values up to rounding.
 
 SwiGLU MLPs (Llama, Mistral, Qwen: ``down(silu(gate(x)) * up(x))``) whose down projection is such a
 layer also stop keeping ``silu(gate) * up`` for backward: ``lora_A`` of the down projection needs it
@@ -56,42 +57,98 @@ def _plain(layer: torch.nn.Module) -> bool:
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called in this order on one input
 
 
+def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's ``[out, in]`` weight in ``dtype``: bitsandbytes' 4-bit one dequantized (as its own
+    forward and backward do), a plain one cast."""
+    weight = base.weight
+    if hasattr(weight, "quant_state"):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+class _GroupLinear(torch.autograd.Function):
+    """Every member of a :class:`_Group` on one 2-D input: ``y_i = x W_i^T + s_i (x A_i^T) B_i^T``, the A's stacked
+    into one matmul. Backward chains the input gradient through one accumulating GEMM per member and one for the
+    stacked A's (``grad_x = sum g_i W_i + dH A``, each added in the GEMM's epilogue), where autograd adds the
+    members' separate input gradients up with an elementwise add per base layer and adapter. Saves ``x``, the
+    stacked A's and ``H``, as the members alone would; the base weights are fetched again in backward (dequantized
+    again, as bitsandbytes does), never saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stacked: torch.Tensor, group: _Group, *bs: torch.Tensor):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x, a = x.to(dtype), stacked.to(dtype)
+            h = x @ a.t()
+            outs = []
+            for member, b in zip(group.members, bs, strict=True):
+                lo, hi = group.columns[id(member)]
+                y = x @ _base_weight(member.base_layer, dtype).t()
+                if member.base_layer.bias is not None:
+                    y += member.base_layer.bias.to(dtype)
+                outs.append(y.addmm_(h[:, lo:hi], b.to(dtype).t(), alpha=member.scaling[group.name]))
+        ctx.save_for_backward(x, a, h, *bs)
+        ctx.group, ctx.a_dtype = group, stacked.dtype
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        x, a, h, *bs = ctx.saved_tensors
+        group, dtype = ctx.group, x.dtype
+        dh, grad_bs, grad_x = [], [], None
+        for member, b, g in zip(group.members, bs, grads, strict=True):
+            lo, hi = group.columns[id(member)]
+            if g is None:  # an output nothing used
+                dh.append(h.new_zeros(h.shape[0], hi - lo))
+                grad_bs.append(None)
+                continue
+            scale, g = member.scaling[group.name], g.to(dtype)
+            dh.append((g @ b.to(dtype)).mul_(scale))
+            grad_bs.append((g.t() @ h[:, lo:hi]).mul_(scale).to(b.dtype))
+            weight = _base_weight(member.base_layer, dtype)
+            grad_x = g @ weight if grad_x is None else grad_x.addmm_(g, weight)
+        dh = torch.cat(dh, dim=1)
+        grad_x = dh @ a if grad_x is None else grad_x.addmm_(dh, a)
+        return grad_x, (dh.t() @ x).to(ctx.a_dtype), None, *grad_bs
+
+
 class _Group:
-    """Plain LoRA layers that read the same input one after another: the first of them to run computes every
-    member's ``x @ A^T`` in one matmul (their A's stacked) and each member takes its own columns of it."""
+    """Plain LoRA layers that read the same input one after another (q/k/v, gate/up): the first of them to run
+    computes every member's output in one :class:`_GroupLinear` and each member takes its own."""
 
     def __init__(self, members: list[torch.nn.Module], name: str) -> None:
         self.members, self.name = members, name
         ranks = [m.lora_A[name].weight.shape[0] for m in members]
         starts = [sum(ranks[:i]) for i in range(len(ranks))]
         self.columns = {id(m): (lo, lo + r) for m, lo, r in zip(members, starts, ranks, strict=True)}
-        self.stacked = 0  # stacked products computed (tests)
-        self._x: weakref.ref | None = None  # the input of the product held, while members still need it
-        self._h: torch.Tensor | None = None
-        self._left: set[int] = set()
+        self.stacked = 0  # group outputs computed (tests)
+        self._x: weakref.ref | None = None  # the input of the outputs held, while members still need them
+        self._outs: dict[int, torch.Tensor] = {}
 
-    def product(self, layer: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """``x @ A^T`` for ``layer`` (None: not this group's adapter); a new stacked product unless this input's
-        is held and ``layer`` has not taken its columns yet."""
-        if name != self.name:
-            return None
-        if self._x is None or self._x() is not x or id(layer) not in self._left:
+    def _usable(self, name: str) -> bool:
+        """Every member on this adapter alone, none merged or disabled, no trainable base bias (not ours to train)."""
+        return name == self.name and all(
+            not m.disable_adapters and not m.merged and list(m.active_adapters) == [name]
+            and (m.base_layer.bias is None or not m.base_layer.bias.requires_grad) for m in self.members)
+
+    def output(self, layer: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """``layer``'s output on ``x`` (None: the group does not apply and the layer computes its own): new outputs
+        for every member unless this input's are held and ``layer`` has not taken its own yet."""
+        if self._x is None or self._x() is not x or id(layer) not in self._outs:
+            if not self._usable(name):
+                return None
             stacked = torch.cat([m.lora_A[name].weight for m in self.members])
-            self._h, self._x, self._left = torch.nn.functional.linear(x, stacked), weakref.ref(x), set(self.columns)
+            flat = x.reshape(-1, x.shape[-1])
+            outs = _GroupLinear.apply(flat, stacked, self, *(m.lora_B[name].weight for m in self.members))
+            self._outs = {id(m): y.view(*x.shape[:-1], -1) for m, y in zip(self.members, outs, strict=True)}
+            self._x = weakref.ref(x)
             self.stacked += 1
-        lo, hi = self.columns[id(layer)]
-        h = self._h[..., lo:hi]
-        self._left.discard(id(layer))
-        if not self._left:  # every member has its columns: hold nothing past this layer
-            self._h = self._x = None
-        return h
-
-
-def _lora_a(self, x: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
-    """``x @ A^T``: this layer's columns of its group's stacked product, or its own matmul."""
-    group = self._group
-    h = group.product(self, x, name) if group is not None else None
-    return torch.nn.functional.linear(x, a) if h is None else h
+        out = self._outs.pop(id(layer))
+        if not self._outs:  # every member has its output: hold nothing past this layer
+            self._x = None
+        return out
 
 
 def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -104,15 +161,19 @@ def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if not autocast and not (x.dtype == a.dtype == b.dtype):
         return self._peft_forward(x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])  # the base layer's output comes out 2-D: added to in place, no view
+    if self._group is not None:
+        out = self._group.output(self, x, name)
+        if out is not None:
+            return out
     if self._base_last:
-        h = _lora_a(self, x, a, name)
+        h = torch.nn.functional.linear(x, a)
         lora = torch.mm(h.reshape(-1, h.shape[-1]), b.t())  # saves h and B: the recompute stops here
         result = self.base_layer(flat)
         return result.add_(lora.to(result.dtype), alpha=self.scaling[name]).view(*x.shape[:-1], -1)
     result = self.base_layer(flat)
     if not autocast and result.dtype != b.dtype:
         return self._peft_forward(x, *args, **kwargs)
-    h = _lora_a(self, x, a, name)
+    h = torch.nn.functional.linear(x, a)
     # in place: the out-of-place addmm first copies ``result`` into its output (a device-to-device copy of every
     # projection's output, forward and recompute: 23 ms of a 723 ms step in the bench's profile of ck16-b4)
     out = result.addmm_(h.reshape(-1, h.shape[-1]).to(result.dtype), b.to(result.dtype).t(), alpha=self.scaling[name])
