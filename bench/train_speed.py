@@ -131,14 +131,21 @@ CASES = {
     "curve-tutorial": ("llama3-8b", "alpaca", QLORA, TUTORIAL | {"group_by_length": False}, 50),
     "curve-ours": ("llama3-8b", "alpaca", QLORA, {"packing": False, "optimizer": "adamw_torch_fused"}, 50),
 }
+
+
+def _variants(suffix: str, extra: dict, names: tuple[str, ...]) -> dict:
+    """``<name>-<suffix>``: each named case with ``extra`` on top of its train overrides."""
+    return {f"{n}-{suffix}": (*CASES[n][:3], CASES[n][3] | extra, CASES[n][4]) for n in names}
+
+
 # eighth session: the 4-bit down projections of recomputed layers in the addmm order, so the recompute runs their base
-# matmul again (fused_lora.BASE_LAST off; a bench-only key), beside the default cases, which skip it
-CASES |= {f"{case}-addmm": (*CASES[case][:3], CASES[case][3] | {"base_last": False}, CASES[case][4])
-          for case in ("l3-alpaca-qlora-budget8", "l3-alpaca-qlora-budget24", "l3-alpaca-qlora-ckpt-varlen")}
-# q/k/v and gate/up sharing their first matmul (train.fused_lora_groups), beside the same settings without
-CASES |= {f"{case}-groups": (*CASES[case][:3], CASES[case][3] | {"fused_lora_groups": True}, CASES[case][4])
-          for case in ("l3-alpaca-qlora-budget8", "l3-alpaca-qlora-budget24", "l3-alpaca-qlora-varlen",
-                       "l3-alpaca-bf16-b6")}
+# matmul again (fused_lora.BASE_LAST off; a bench-only key), beside the default cases, which skip it; and q/k/v and
+# gate/up run as one node each (train.fused_lora_groups), beside the same settings without
+CASES |= _variants("addmm", {"base_last": False},
+                   ("l3-alpaca-qlora-budget8", "l3-alpaca-qlora-budget24", "l3-alpaca-qlora-ckpt-varlen"))
+CASES |= _variants("groups", {"fused_lora_groups": True},
+                   ("l3-alpaca-qlora-budget8", "l3-alpaca-qlora-budget24", "l3-alpaca-qlora-varlen",
+                    "l3-alpaca-bf16-b6"))
 WARMUP = 3
 # the longest context at batch 1 (issue 19): one document of L tokens a step (``run --context L1,L2``), every layer
 # recomputed from its input offloaded to host memory (Unsloth's setting for long rows), beside Unsloth's offloaded

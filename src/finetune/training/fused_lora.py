@@ -32,7 +32,6 @@ anyway, so it is recomputed there. That is a fifth of a decoder layer's saved ac
 
 from __future__ import annotations
 
-import functools
 import types
 import weakref
 from collections.abc import Iterable
@@ -57,11 +56,17 @@ def _plain(layer: torch.nn.Module) -> bool:
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called in this order on one input
 
 
+def _is_4bit(base: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit base layer: its forward keeps the quantized weight on the autograd context, so it saves
+    nothing for backward through autograd."""
+    return hasattr(getattr(base, "weight", None), "quant_state")
+
+
 def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's ``[out, in]`` weight in ``dtype``: bitsandbytes' 4-bit one dequantized (as its own
     forward and backward do), a plain one cast."""
     weight = base.weight
-    if hasattr(weight, "quant_state"):
+    if _is_4bit(base):
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(dtype)
@@ -160,23 +165,22 @@ def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     autocast = torch.is_autocast_enabled(x.device.type)
     if not autocast and not (x.dtype == a.dtype == b.dtype):
         return self._peft_forward(x, *args, **kwargs)
-    flat = x.reshape(-1, x.shape[-1])  # the base layer's output comes out 2-D: added to in place, no view
     if self._group is not None:
         out = self._group.output(self, x, name)
         if out is not None:
             return out
+    flat = x.reshape(-1, x.shape[-1])  # the base layer's output comes out 2-D: added to in place, no view
     if self._base_last:
-        h = torch.nn.functional.linear(x, a)
-        lora = torch.mm(h.reshape(-1, h.shape[-1]), b.t())  # saves h and B: the recompute stops here
+        lora = torch.mm(torch.nn.functional.linear(flat, a), b.t())  # saves h and B: the recompute stops here
         result = self.base_layer(flat)
         return result.add_(lora.to(result.dtype), alpha=self.scaling[name]).view(*x.shape[:-1], -1)
     result = self.base_layer(flat)
     if not autocast and result.dtype != b.dtype:
         return self._peft_forward(x, *args, **kwargs)
-    h = torch.nn.functional.linear(x, a)
+    h = torch.nn.functional.linear(flat, a)
     # in place: the out-of-place addmm first copies ``result`` into its output (a device-to-device copy of every
     # projection's output, forward and recompute: 23 ms of a 723 ms step in the bench's profile of ck16-b4)
-    out = result.addmm_(h.reshape(-1, h.shape[-1]).to(result.dtype), b.to(result.dtype).t(), alpha=self.scaling[name])
+    out = result.addmm_(h.to(result.dtype), b.to(result.dtype).t(), alpha=self.scaling[name])
     return out.view(*x.shape[:-1], -1)
 
 
@@ -216,9 +220,9 @@ class _SwiGLULoraA(torch.autograd.Function):
         if grad_product is None:
             grad_p = grad_h @ w
         else:  # added into the down projection's fresh input gradient in place when it is a plain dense one
-            grad_p = grad_product.reshape(-1, w.shape[1])
-            add = grad_p.addmm_ if grad_product.is_contiguous() else functools.partial(torch.addmm, grad_p)
-            grad_p = add(grad_h.reshape(-1, w.shape[0]), w).view(gate.shape)
+            grad_p, grad_h = grad_product.reshape(-1, w.shape[1]), grad_h.reshape(-1, w.shape[0])
+            grad_p = (grad_p.addmm_(grad_h, w) if grad_product.is_contiguous() else torch.addmm(grad_p, grad_h, w)
+                      ).view(gate.shape)
         if liger:  # gradients written over gate and up, which nothing needs any more
             grad_gate, grad_up = liger[1](gate, up, grad_p.view(gate.shape))
             return grad_gate, grad_up, grad_a
@@ -251,11 +255,6 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.view(*product.shape[:-1], -1)
 
 
-def _keeps_no_weight(base: torch.nn.Module) -> bool:
-    """A base layer whose forward saves nothing for backward through autograd: bitsandbytes' 4-bit one."""
-    return hasattr(getattr(base, "weight", None), "quant_state")
-
-
 def is_fused(module: torch.nn.Module) -> bool:
     """Whether :func:`install` gave ``module`` (a LoRA layer or a SwiGLU MLP) its fused forward."""
     return getattr(module.forward, "__func__", None) in (_forward, _mlp_forward)
@@ -269,9 +268,9 @@ def _groups(model: torch.nn.Module) -> list[_Group]:
             members = [getattr(parent, n, None) for n in names]
             if not all(m is not None and _plain(m) and hasattr(m, "base_layer") for m in members):
                 continue
-            adapters = {next(iter(m.lora_A)) for m in members}
-            if len(adapters) == 1 and len({m.lora_A[next(iter(adapters))].weight.dtype for m in members}) == 1:
-                groups.append(_Group(members, adapters.pop()))
+            name = next(iter(members[0].lora_A))  # plain: one adapter each
+            if all(name in m.lora_A for m in members) and len({m.lora_A[name].weight.dtype for m in members}) == 1:
+                groups.append(_Group(members, name))
     return groups
 
 
@@ -284,12 +283,13 @@ def install(model: torch.nn.Module, recomputed_mlps: Iterable[torch.nn.Module] =
     keep = {id(m) for m in recomputed_mlps}
     tails = {id(m.down_proj) for m in recomputed_mlps if hasattr(m, "down_proj")}
     for module in list(model.modules()):
-        if _plain(module) and hasattr(module, "base_layer"):  # set again on every install: the layers may change
-            module._base_last = BASE_LAST and id(module) in tails and _keeps_no_weight(module.base_layer)
+        plain = _plain(module) and hasattr(module, "base_layer")
+        if plain:  # set again on every install: the layers may change
+            module._base_last = BASE_LAST and id(module) in tails and _is_4bit(module.base_layer)
             module._group = None
         if is_fused(module) or id(module) in keep:
             continue  # already ours (another patch, e.g. Liger's at Trainer.train, gets replaced again)
-        if _plain(module) and hasattr(module, "base_layer"):
+        if plain:
             module._peft_forward = module.forward
             module.forward = types.MethodType(_forward, module)
             count += 1
