@@ -11,11 +11,13 @@ from conftest import saved_bytes
 from finetune.training import fused_lora
 
 
-def _peft_model(model_dir, dtype=torch.float32, **lora):
+def _peft_model(model_dir, dtype=torch.float32, four_bit: bool = False, **lora):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    quant = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=dtype)} if four_bit else {}
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **quant)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(**({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} | lora)))
     torch.manual_seed(1)
@@ -74,15 +76,7 @@ def test_bf16_autocast_no_less_accurate(tiny_llama, groups):
 
 def test_4bit_layers(tiny_llama):
     """QLoRA: bitsandbytes 4-bit base layers (its CPU backend)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quant, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+    model = _peft_model(tiny_llama, four_bit=True)
     ids = torch.randint(0, 200, (2, 24))
     want, want_grads = _run(model, ids)
     assert fused_lora.install(model) == 2 * 8
@@ -140,16 +134,7 @@ def test_reinstall_after_another_patch(tiny_llama):
 
 
 def _qlora_checkpointed(model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32)
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+    model = _peft_model(model_dir, four_bit=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as TRL sets it
     model.enable_input_require_grads()
     model.train()
